@@ -1,0 +1,103 @@
+"""Load a model directory (HF layout or MLX 4/8-bit layout) into our MLX model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .errors import MlxLlamaError
+from .model import Model
+
+# Tensors some checkpoints carry that the model derives itself.
+_HARMLESS_EXTRAS = ("rotary_emb.inv_freq",)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> str:
+    """float32 on the CPU (MLX's half-precision CPU kernels are naive loops), else the GPU-friendly bfloat16."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise MlxLlamaError(f"model directory {str(path)!r} not found")
+    if not (p / "config.json").is_file():
+        raise MlxLlamaError(f"{p} has no config.json: not a model directory")
+    return p
+
+
+def read_weights(model_dir: Path) -> dict[str, mx.array]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise MlxLlamaError(f"no *.safetensors files in {model_dir}")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise MlxLlamaError(f"cannot read {f.name}: {e}") from None
+    return weights
+
+
+def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers wherever the checkpoint holds `.scales` for them."""
+    q = cfg.quantization or {}
+    if q.get("mode", "affine") != "affine":
+        raise MlxLlamaError(f"unsupported quantization mode {q.get('mode')!r}: only affine is supported")
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if f"{path}.scales" not in weights:
+            return False
+        params = cfg.quantization_for(path)
+        if params is None:
+            raise MlxLlamaError(f"{path} is quantized but config.json has no quantization for it")
+        return params
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> Model:
+    """Build the model for a directory and load its weights, cast to `dtype`."""
+    model_dir = resolve_model_dir(path)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise MlxLlamaError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    weights = read_weights(model_dir)
+    weights = {k: v for k, v in weights.items() if not k.endswith(_HARMLESS_EXTRAS)}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    model = Model(cfg)
+    if any(k.endswith(".scales") for k in weights):
+        _quantize_layers(model, cfg, weights)
+    # Packed quantized weights stay uint32; every floating tensor takes the compute dtype.
+    target = DTYPES[dtype]
+    weights = {
+        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise MlxLlamaError(f"weights in {model_dir} do not fit the config: {e}") from None
+    mx.eval(model.parameters())
+    model.eval()
+    model.dtype = target
+    model.path = model_dir
+    return model
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
