@@ -1,0 +1,7 @@
+"""mlx-llama: run LLaMA-3 models locally with MLX."""
+
+from .generate import GenerationStats, generate_tokens
+from .loader import load
+
+__all__ = ["load", "generate_tokens", "GenerationStats"]
+__version__ = "0.1.0"

@@ -101,3 +101,15 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
+
+
+def load(path: str | Path, dtype: str | None = None) -> tuple[Model, "Tokenizer | None"]:
+    """`model, tokenizer = load(dir)`; the tokenizer is None when the directory has none."""
+    from .tokenizer import Tokenizer
+
+    model = load_model(path, dtype)
+    eos = list(model.config.eos_token_id)
+    gen_eos = read_generation_config(model.path).get("eos_token_id")
+    if gen_eos is not None:
+        eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    return model, Tokenizer.from_dir(model.path, extra_eos=eos)

@@ -76,6 +76,8 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     """`Model(cfg)(tokens, cache)` → logits; tensor names match HF checkpoints."""
 
+    xp = mx  # the array library the generation loop drives this model with
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -94,7 +94,9 @@ def _tensors(cfg: dict[str, Any], rng: np.random.Generator) -> Iterator[tuple[st
     def norm_weight() -> np.ndarray:
         return 1.0 + normal(h, std=0.1)
 
-    yield "model.embed_tokens.weight", normal(v, h, std=1.0)
+    # Output-facing matrices get std 3/sqrt(h): logits then spread with std ~3,
+    # peaked enough for stable greedy ids, flat enough for varied sampling.
+    yield "model.embed_tokens.weight", normal(v, h, std=3 * h**-0.5)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", norm_weight()
@@ -109,7 +111,7 @@ def _tensors(cfg: dict[str, Any], rng: np.random.Generator) -> Iterator[tuple[st
         yield p + "mlp.down_proj.weight", normal(h, inter, std=inter**-0.5)
     yield "model.norm.weight", norm_weight()
     if not cfg.get("tie_word_embeddings", False):
-        yield "lm_head.weight", normal(v, h, std=h**-0.5)
+        yield "lm_head.weight", normal(v, h, std=3 * h**-0.5)
 
 
 def write_checkpoint(
