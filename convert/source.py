@@ -1,0 +1,127 @@
+"""Resolve SOURCE (a local directory or a hub repo id) and validate it before any work."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import ModelConfig
+from ..errors import MlxLlamaError
+from . import hub
+from .layout import expected_tensors, is_ignorable
+from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, TensorRef, read_header
+
+INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "consolidated.*.pth", "*.pt", "*.ckpt", "original/consolidated.*.pth")
+
+
+@dataclass
+class Source:
+    path: Path
+    name: str  # repo or directory name, for the default output name
+    raw_config: dict[str, Any]
+    config: ModelConfig
+    tensors: dict[str, TensorRef]  # exactly the expected tensors, in model order
+    dtype: str  # the weights' dtype name, e.g. "bfloat16"
+
+
+def resolve(source: str, revision: str | None = None, log: Callable[[str], None] = print) -> tuple[Path, str]:
+    """The local directory holding SOURCE and a short name for it."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if revision:
+            raise MlxLlamaError("--revision applies to hub repos only, but SOURCE is a local directory")
+        return p, p.resolve().name
+    if p.exists():
+        raise MlxLlamaError(f"{source} is a file; SOURCE must be a model directory or a hub repo id")
+    if not hub.looks_like_repo_id(source):
+        raise MlxLlamaError(f"{source!r} is neither a directory nor a Hugging Face repo id like org/name")
+    return hub.download(source, revision, log), source.split("/")[-1]
+
+
+def open_source(source: str, revision: str | None = None, log: Callable[[str], None] = print) -> Source:
+    path, name = resolve(source, revision, log)
+    return validate(path, name)
+
+
+def validate(path: Path, name: str | None = None) -> Source:
+    """Read config and every shard header; refuse anything a LLaMA conversion cannot use."""
+    if not (path / "config.json").is_file():
+        raise MlxLlamaError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxLlamaError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise MlxLlamaError(f"{path / 'config.json'} must hold a JSON object")
+    cfg = ModelConfig.from_dict(raw)
+    if cfg.quantization or raw.get("quantization_config"):
+        raise MlxLlamaError(f"{path.name} is already quantized; convert from the original float checkpoint")
+
+    found = _all_tensors(path, _shard_files(path))
+    expected = expected_tensors(cfg)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise MlxLlamaError(f"checkpoint lacks {len(missing)} expected tensor(s), e.g. {', '.join(missing[:3])}")
+    unexpected = [k for k in found if k not in expected and not is_ignorable(k, cfg)]
+    if unexpected:
+        raise MlxLlamaError(
+            f"checkpoint has {len(unexpected)} tensor(s) a LLaMA model does not use, e.g. "
+            f"{', '.join(unexpected[:3])}"
+        )
+    tensors: dict[str, TensorRef] = {}
+    for key, shape in expected.items():
+        ref = found[key]
+        if ref.shape != shape:
+            raise MlxLlamaError(f"tensor {key} has shape {list(ref.shape)}, expected {list(shape)} from config.json")
+        if ref.dtype not in FLOAT_DTYPES:
+            raise MlxLlamaError(f"tensor {key} has dtype {ref.dtype}; only float32/float16/bfloat16 sources convert")
+        tensors[key] = ref
+    dtype = Counter(r.dtype for r in tensors.values()).most_common(1)[0][0]
+    return Source(path, name or path.resolve().name, raw, cfg, tensors, CODE_TO_NAME[dtype])
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = set(weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise MlxLlamaError(f"{INDEX} is malformed: it needs a weight_map of tensor -> file") from None
+        for n in names:
+            if not _plain_name(n):
+                raise MlxLlamaError(
+                    f"{INDEX} names shard {n!r}, which is not a plain file name inside the model directory"
+                )
+            if not (path / n).is_file():
+                raise MlxLlamaError(f"{INDEX} names shard {n}, which is missing; the download is incomplete")
+        return [path / n for n in sorted(names)]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.relative_to(path) for pat in PICKLE_PATTERNS for p in path.glob(pat)]
+    if pickles:
+        raise MlxLlamaError(
+            f"{path.name} holds only pickle weights ({pickles[0]}): mlx-llama converts safetensors only, "
+            "because loading pickles can run arbitrary code; use the repo's safetensors version"
+        )
+    raise MlxLlamaError(f"no *.safetensors weights in {path}")
+
+
+def _plain_name(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and name.endswith(".safetensors"))
+
+
+def _all_tensors(path: Path, files: list[Path]) -> dict[str, TensorRef]:
+    found: dict[str, TensorRef] = {}
+    for f in files:
+        for key, ref in read_header(f).items():
+            if key in found:
+                raise MlxLlamaError(f"tensor {key} appears in both {found[key].file.name} and {f.name}")
+            found[key] = ref
+    return found
