@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             click.echo()
         else:
             results = []
-            with click.progressbar(prompts, label="generating", file=click.get_text_stream("stderr")) as bar:
+            with click.progressbar(prompts, label="generating", file=sys.stderr) as bar:
                 for text in bar:
                     results.append({"input": text, "output": "".join(answer(text))})
             _write_json_atomically(output, results)

@@ -108,8 +108,4 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[Model, "Tokenizer 
     from .tokenizer import Tokenizer
 
     model = load_model(path, dtype)
-    eos = list(model.config.eos_token_id)
-    gen_eos = read_generation_config(model.path).get("eos_token_id")
-    if gen_eos is not None:
-        eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
-    return model, Tokenizer.from_dir(model.path, extra_eos=eos)
+    return model, Tokenizer.from_dir(model.path)

@@ -47,6 +47,13 @@ def _read_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | No
     return template
 
 
+def _eos_ids(config: dict[str, Any]) -> list[int]:
+    eos = config.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -82,8 +89,12 @@ class Tokenizer:
             raise MlxLlamaError(f"the model's chat template does not parse: {e}") from None
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, extra_eos: Iterable[int] = ()) -> "Tokenizer | None":
-        """The tokenizer of a model directory, or None when it ships no tokenizer.json."""
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+        """The tokenizer of a model directory, or None when it ships no tokenizer.json.
+
+        Stop tokens: every eos id in config.json, generation_config.json and
+        tokenizer_config.json, plus `<|eot_id|>`.
+        """
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -93,7 +104,8 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises its own exception type
             raise MlxLlamaError(f"cannot read {path}: {e}") from None
         tok_config = _read_json(model_dir / "tokenizer_config.json")
-        eos_ids = list(extra_eos)
+        eos_ids = _eos_ids(_read_json(model_dir / "config.json"))
+        eos_ids += _eos_ids(_read_json(model_dir / "generation_config.json"))
         eos_text = _token_text(tok_config.get("eos_token"))
         if eos_text and backend.token_to_id(eos_text) is not None:
             eos_ids.append(backend.token_to_id(eos_text))

