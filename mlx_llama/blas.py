@@ -1,0 +1,267 @@
+"""Route MLX's CPU BLAS calls to OpenBLAS on Linux.
+
+The Linux `mlx[cpu]` wheel links netlib's reference BLAS (float32 GEMM at a few
+GFLOP/s), which makes every matmul, and so prefill, crawl.  OpenBLAS is one to
+two orders of magnitude faster.  We take it from the `scipy-openblas32` wheel
+(a plain PyPI dependency, no libgfortran, no system library).  That build
+prefixes its symbols (`scipy_cblas_sgemm`), so preloading it cannot interpose
+`cblas_sgemm`; instead, once `libmlx.so` is loaded, each of its relocation
+slots for a BLAS/LAPACK function that OpenBLAS also exports is rebound to the
+OpenBLAS function (the GOT/PLT entries only; nothing on disk changes).
+
+`install()` runs when `mlx_llama` is imported, so the CLI, the library and the
+tests all get it: it binds at once if `mlx.core` is already imported, else the
+moment it is (an import hook), so code paths that never touch MLX (the NumPy
+reference backend) do not pay for importing it.  `MLX_LLAMA_BLAS=reference` (or `off`) keeps the wheel's
+reference BLAS, for comparison.  `OPENBLAS_NUM_THREADS` sets OpenBLAS's thread
+count as usual (it defaults to the number of cores).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.abc
+import importlib.machinery
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_VAR = "MLX_LLAMA_BLAS"
+_DISABLED = ("reference", "off", "none", "0", "false", "no")
+_PREFIX = "scipy_"
+
+# ELF relocation types whose slot holds a symbol's absolute address.
+_SLOT_RELOCS = {
+    62: (6, 7, 1),  # x86_64: GLOB_DAT, JUMP_SLOT, 64
+    183: (1025, 1026, 257),  # aarch64: GLOB_DAT, JUMP_SLOT, ABS64
+}
+
+
+@dataclass
+class BlasInfo:
+    """What `setup()` did: `name` is "openblas", "reference" or "system"."""
+
+    name: str
+    library: str = ""
+    version: str = ""
+    threads: int = 0
+    core: str = ""
+    symbols: list[str] = field(default_factory=list)  # rebound in libmlx.so
+    reason: str = ""  # why the reference BLAS stayed, if it did
+
+    @property
+    def optimized(self) -> bool:
+        return self.name != "reference"
+
+    def describe(self) -> str:
+        if self.name == "openblas":
+            return (f"OpenBLAS {self.version} (scipy-openblas32, {self.core or 'core ?'}, "
+                    f"{self.threads} threads; {len(self.symbols)} MLX BLAS/LAPACK symbols rebound)")
+        if self.name == "system":
+            return "the platform BLAS MLX was built with (Accelerate on macOS)"
+        return f"reference BLAS (netlib, bundled with mlx[cpu]){': ' + self.reason if self.reason else ''}"
+
+
+_INFO: BlasInfo | None = None
+
+
+class _Loader(importlib.abc.Loader):
+    """Wraps mlx.core's loader: once the extension (and so libmlx.so) is loaded, bind."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec):  # type: ignore[no-untyped-def]
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:  # type: ignore[no-untyped-def]
+        self.inner.exec_module(module)
+        setup()
+
+
+class _MlxCoreHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
+        if fullname != "mlx.core":
+            return None
+        _remove_hook()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MlxCoreHook)]
+
+
+def install() -> None:
+    """Bind now if mlx.core is loaded, else as soon as it is imported."""
+    if _INFO is not None:
+        return
+    if "mlx.core" in sys.modules:
+        setup()
+    elif not any(isinstance(f, _MlxCoreHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MlxCoreHook())
+
+
+def info() -> BlasInfo:
+    """The result of `setup()` (running it if needed)."""
+    return _INFO if _INFO is not None else setup()
+
+
+def setup() -> BlasInfo:
+    """Bind MLX to OpenBLAS once per process; never raises."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    _remove_hook()
+    if not sys.platform.startswith("linux"):
+        _INFO = BlasInfo("system")
+    elif os.environ.get(ENV_VAR, "").strip().lower() in _DISABLED:
+        _INFO = BlasInfo("reference", reason=f"{ENV_VAR}={os.environ[ENV_VAR]}")
+    else:
+        try:
+            _INFO = _bind_openblas()
+        except Exception as e:  # a missing wheel or an odd libmlx must not stop the runner
+            _INFO = BlasInfo("reference", reason=f"OpenBLAS not bound: {e}")
+    return _INFO
+
+
+def _bind_openblas() -> BlasInfo:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        raise RuntimeError("the scipy-openblas32 package is not installed") from None
+    lib_path = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+    openblas = ctypes.CDLL(str(lib_path), mode=ctypes.RTLD_GLOBAL)
+
+    import mlx.core  # noqa: F401  (loads libmlx.so, whose slots we rebind)
+
+    mlx_lib = _loaded_library("libmlx.so")
+    if mlx_lib is None:
+        raise RuntimeError("libmlx.so is not loaded")
+    bound = _rebind(mlx_lib, openblas)
+    if not any(s.startswith("cblas_sgemm") for s in bound):
+        raise RuntimeError("libmlx.so has no cblas_sgemm slot to rebind")
+
+    def call(name: str, restype):  # optional introspection helpers
+        fn = getattr(openblas, _PREFIX + name, None)
+        if fn is None:
+            return None
+        fn.restype = restype
+        return fn()
+
+    config = call("openblas_get_config", ctypes.c_char_p) or b""
+    version = config.decode().split()[1] if config.startswith(b"OpenBLAS") else ""
+    core = (call("openblas_get_corename", ctypes.c_char_p) or b"").decode()
+    return BlasInfo("openblas", library=str(lib_path), version=version,
+                    threads=call("openblas_get_num_threads", ctypes.c_int) or 0, core=core, symbols=bound)
+
+
+def set_threads(n: int) -> None:
+    """Set OpenBLAS's thread count (no-op unless OpenBLAS is bound)."""
+    i = info()
+    if i.name != "openblas":
+        return
+    fn = getattr(ctypes.CDLL(i.library), _PREFIX + "openblas_set_num_threads")
+    fn(ctypes.c_int(n))
+    i.threads = n
+
+
+def _loaded_library(basename: str) -> str | None:
+    """Path of a shared library mapped into this process (from /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()) == basename:
+                return parts[5].strip()
+    return None
+
+
+def loaded_libraries() -> list[str]:
+    """Every file-backed shared object mapped into this process."""
+    seen: list[str] = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and ".so" in parts[5]:
+                p = parts[5].strip()
+                if p not in seen:
+                    seen.append(p)
+    return seen
+
+
+def _rebind(lib_path: str, target: ctypes.CDLL) -> list[str]:
+    """Point each of `lib_path`'s symbol slots at `target`'s prefixed function; returns names."""
+    data = Path(lib_path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise RuntimeError("libmlx.so is not a 64-bit little-endian ELF")
+    machine = struct.unpack_from("<H", data, 18)[0]
+    if machine not in _SLOT_RELOCS:
+        raise RuntimeError(f"unsupported ELF machine {machine}")
+    slot_types = _SLOT_RELOCS[machine]
+    shoff, = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum = struct.unpack_from("<HH", data, 58)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    SHT_RELA, SHT_DYNSYM = 4, 11
+    dynsym = next((s for s in sections if s[1] == SHT_DYNSYM), None)
+    if dynsym is None:
+        raise RuntimeError("libmlx.so has no dynamic symbol table")
+    strtab = sections[dynsym[6]]
+
+    def sym_name(index: int) -> str:
+        st_name, = struct.unpack_from("<I", data, dynsym[4] + index * 24)
+        start = strtab[4] + st_name
+        return data[start : data.index(b"\0", start)].decode()
+
+    slots: list[tuple[int, str]] = []
+    for sec in sections:
+        if sec[1] != SHT_RELA or sec[6] is None or sections[sec[6]] is not dynsym:
+            continue
+        for off in range(sec[4], sec[4] + sec[5], 24):
+            r_offset, r_info, _addend = struct.unpack_from("<QQq", data, off)
+            if (r_info & 0xFFFFFFFF) in slot_types and r_info >> 32:
+                slots.append((r_offset, sym_name(r_info >> 32)))
+
+    base = _load_bias(lib_path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = os.sysconf("SC_PAGE_SIZE")
+    bound: list[str] = []
+    for r_offset, name in slots:
+        fn = getattr(target, _PREFIX + name, None)
+        if fn is None:
+            continue
+        addr = base + r_offset
+        start = addr & ~(page - 1)
+        prot = _page_protection(start)
+        if not prot & 2:
+            # RELRO pages are read-only after relocation; open the page briefly.
+            if libc.mprotect(ctypes.c_void_p(start), page, prot | 2) != 0:
+                raise OSError(ctypes.get_errno(), f"mprotect failed for {name}")
+        ctypes.c_void_p.from_address(addr).value = ctypes.cast(fn, ctypes.c_void_p).value
+        if not prot & 2:
+            libc.mprotect(ctypes.c_void_p(start), page, prot)
+        bound.append(name)
+    return bound
+
+
+def _page_protection(addr: int) -> int:
+    """PROT_* bits of the mapping holding `addr`."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= addr < hi:
+                return (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+    raise RuntimeError(f"address {addr:#x} is not mapped")
+
+
+def _load_bias(lib_path: str) -> int:
+    """The load bias (link_map.l_addr) of an already-loaded library."""
+    handle = ctypes.CDLL(lib_path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)._handle
+    # glibc's dlopen handle is the `struct link_map *`, whose first member is l_addr.
+    return ctypes.c_void_p.from_address(handle).value or 0
