@@ -166,6 +166,29 @@ class RotatingKVCache:
         n = self.size
         return self.keys[..., :n, :], self.values[..., :n, :], self._pos.copy()
 
+    def can_trim(self, n: int) -> bool:
+        """Whether forgetting the last `n` tokens leaves exactly what a run that never
+        saw them would hold: every position the next token attends to is still here.
+        Always true for n <= 1; for more, only until the window has started evicting."""
+        n = min(n, self.offset)
+        new_offset = self.offset - n
+        needed = np.arange(max(self.keep, new_offset - self.window + 1), new_offset)
+        return bool(np.isin(needed, self._pos).all())
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens when `can_trim(n)`; returns how many were forgotten (0 when it cannot)."""
+        n = min(n, self.offset)
+        if n == 0 or not self.can_trim(n):
+            return 0
+        self.offset -= n
+        order = np.flatnonzero(self._pos < self.offset)
+        order = order[np.argsort(self._pos[order], kind="stable")]
+        idx = mx.array(order.astype(np.int32))
+        self.keys, self.values = self.keys[..., idx, :], self.values[..., idx, :]
+        self._pos = self._pos[order]
+        self._ring = self.keep  # slots are in position order again: the oldest window slot is `keep`
+        return n
+
 
 def make_cache(num_layers: int, max_kv_size: int | None = None, keep: int = 4) -> list:
     """One cache per layer: growing, or rotating when `max_kv_size` is given."""

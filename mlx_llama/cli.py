@@ -31,3 +31,15 @@ def main() -> None:
 from .generate_command import generate_command  # noqa: E402
 
 main.add_command(generate_command)
+
+from .demo_command import demo_command  # noqa: E402
+
+main.add_command(demo_command)
+
+from .chat_command import chat_command  # noqa: E402
+
+main.add_command(chat_command)
+
+from .check_command import check_command  # noqa: E402
+
+main.add_command(check_command)

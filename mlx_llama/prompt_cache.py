@@ -1,0 +1,162 @@
+"""Prompt caches on disk: the KV cache of a prompt prefix, reused across runs.
+
+A file holds, per layer, the keys and values of token positions 0..n-1 (already
+rotated by RoPE, so they are independent of the cache type that restores them),
+plus metadata: a format tag, the model's fingerprint, the dtype and the n token
+ids.  A file is only used when all of them match the running model, and then
+only for the longest prefix its ids share with the new prompt; anything else is
+reported and ignored, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+FORMAT = "mlx-llama-prompt-cache/1"
+_SAMPLE = 1 << 20  # bytes hashed from each end of every weight file
+
+
+class PromptCacheMismatch(Exception):
+    """The file cannot be used for this model/prompt; the message says why."""
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A hash of config.json and, per weight file, its name, size and first/last MiB.
+
+    Cheap even for large models, and it tells apart checkpoints with the same
+    shape (different seeds, fine-tunes, re-quantizations).
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE))
+            if size > 2 * _SAMPLE:
+                fh.seek(size - _SAMPLE)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def rollback(cache: list, n: int) -> bool:
+    """Forget the last `n` tokens of every layer if that is exact; False when it is not."""
+    if n == 0:
+        return True
+    first = cache[0]
+    if not hasattr(first, "trim") or first.offset < n:
+        return False
+    can_trim = getattr(first, "can_trim", None)
+    if can_trim is not None and not can_trim(n):
+        return False
+    return all(c.trim(n) == n for c in cache)
+
+
+def _prefix_state(layer_cache: Any, n: int) -> tuple[mx.array, mx.array] | None:
+    """Keys and values of positions 0..n-1, or None when some were evicted."""
+    keys, values, positions = layer_cache.state
+    order = np.flatnonzero(np.asarray(positions) < n)
+    if len(order) != n:
+        return None
+    order = order[np.argsort(np.asarray(positions)[order], kind="stable")]
+    idx = mx.array(order.astype(np.int32))
+    return mx.array(keys)[..., idx, :], mx.array(values)[..., idx, :]
+
+
+def save(path: str | Path, cache: list, ids: Sequence[int], *, fingerprint: str, dtype: str) -> bool:
+    """Write the cache's first `len(ids)` positions; False when the cache no longer holds them all."""
+    path = Path(path)
+    n = len(ids)
+    if n == 0:
+        return False
+    tensors: dict[str, mx.array] = {}
+    for i, c in enumerate(cache):
+        state = _prefix_state(c, n)
+        if state is None:
+            return False
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = state
+    metadata = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "num_layers": str(len(cache)),
+        "token_ids": json.dumps([int(t) for t in ids]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mx.save_safetensors appends ".safetensors" to other names, so write a temp
+    # file ending in it and move it over the target atomically.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def load(path: str | Path, model: Any, *, fingerprint: str, dtype: str,
+         max_kv_size: int | None = None, keep: int = 4) -> tuple[list, list[int]]:
+    """A fresh cache for `model` filled from the file, and the file's token ids.
+
+    Raises PromptCacheMismatch (with a reason) for a missing, unreadable, stale
+    or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptCacheMismatch(f"{path} does not exist yet")
+    try:
+        tensors, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # corrupt or not safetensors
+        raise PromptCacheMismatch(f"{path} is not a readable prompt cache ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise PromptCacheMismatch(f"{path} is not an mlx-llama prompt cache")
+    if meta.get("fingerprint") != fingerprint:
+        raise PromptCacheMismatch(f"{path} was made with a different model")
+    if meta.get("dtype") != dtype:
+        raise PromptCacheMismatch(f"{path} holds {meta.get('dtype')} values, the model runs in {dtype}")
+    try:
+        ids = [int(t) for t in json.loads(meta.get("token_ids", ""))]
+    except (ValueError, TypeError):
+        raise PromptCacheMismatch(f"{path} has unreadable token ids") from None
+    cfg = model.config
+    expected = (1, cfg.num_key_value_heads, len(ids), cfg.head_dim)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        k, v = tensors.get(f"layers.{i}.keys"), tensors.get(f"layers.{i}.values")
+        if k is None or v is None or tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise PromptCacheMismatch(f"{path} does not fit the model's layers")
+        layers.append((k, v))
+    if len(tensors) != 2 * cfg.num_hidden_layers or not ids:
+        raise PromptCacheMismatch(f"{path} does not fit the model's layers")
+    cache = model.make_cache(max_kv_size, keep)
+    for c, (k, v) in zip(cache, layers):
+        # Stored keys already carry their RoPE rotation: feeding them as one chunk
+        # leaves any cache type exactly as a prefill of those ids would.
+        c.update_and_fetch(k, v)
+    mx.eval([c.keys for c in cache] + [c.values for c in cache])
+    return cache, ids
+
+
+def dtype_name(model: Any) -> str:
+    dt = getattr(model, "dtype", None)
+    return str(dt).replace("mlx.core.", "") if dt is not None else "unknown"
