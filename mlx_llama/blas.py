@@ -65,6 +65,12 @@ class BlasInfo:
 
 
 _INFO: BlasInfo | None = None
+_SLOTS: list[tuple[str, int, int]] = []  # (symbol, slot address, OpenBLAS function) rebound
+
+
+def verify() -> bool:
+    """True when every rebound slot in libmlx.so still points at OpenBLAS."""
+    return bool(_SLOTS) and all(ctypes.c_void_p.from_address(a).value == f for _, a, f in _SLOTS)
 
 
 class _Loader(importlib.abc.Loader):
@@ -243,6 +249,7 @@ def _rebind(lib_path: str, target: ctypes.CDLL) -> list[str]:
             if libc.mprotect(ctypes.c_void_p(start), page, prot | 2) != 0:
                 raise OSError(ctypes.get_errno(), f"mprotect failed for {name}")
         ctypes.c_void_p.from_address(addr).value = ctypes.cast(fn, ctypes.c_void_p).value
+        _SLOTS.append((name, addr, ctypes.cast(fn, ctypes.c_void_p).value))
         if not prot & 2:
             libc.mprotect(ctypes.c_void_p(start), page, prot)
         bound.append(name)

@@ -43,3 +43,9 @@ main.add_command(chat_command)
 from .check_command import check_command  # noqa: E402
 
 main.add_command(check_command)
+
+from .bench_command import bench_command  # noqa: E402
+from .info_command import info_command  # noqa: E402
+
+main.add_command(bench_command)
+main.add_command(info_command)
