@@ -49,3 +49,7 @@ from .info_command import info_command  # noqa: E402
 
 main.add_command(bench_command)
 main.add_command(info_command)
+
+from .convert.command import convert_command  # noqa: E402
+
+main.add_command(convert_command)
