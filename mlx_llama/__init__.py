@@ -4,8 +4,20 @@ from . import blas as _blas
 
 _blas.install()  # first: MLX's CPU BLAS calls go to OpenBLAS once mlx.core loads (blas.py)
 
-from .generate import GenerationStats, generate_tokens
-from .loader import load
+from typing import Any
 
 __all__ = ["load", "generate_tokens", "GenerationStats"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so `mlx_llama.numpy_model` (the NumPy reference) loads without mlx.
+    if name == "load":
+        from .loader import load
+
+        return load
+    if name in ("generate_tokens", "GenerationStats"):
+        from . import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module 'mlx_llama' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import MlxLlamaError
 
-BACKENDS = ("mlx",)
+BACKENDS = ("mlx", "numpy")
 
 
 def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple[Any, Any]:
@@ -16,4 +16,10 @@ def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple
         from .loader import load
 
         return load(path, dtype)
+    if name == "numpy":
+        from .numpy_model import load_numpy_model
+        from .tokenizer import Tokenizer
+
+        model = load_numpy_model(path, dtype)
+        return model, Tokenizer.from_dir(model.path)
     raise MlxLlamaError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")

@@ -29,15 +29,20 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
         raise MlxLlamaError(f"unsupported quantization bits {bits}: choose from {SUPPORTED_BITS}")
     packed = np.ascontiguousarray(packed, dtype="<u4")
     raw = packed.view(np.uint8)  # little-endian byte stream per row
-    per_chunk = 8 // gcd(bits, 8)  # values per chunk of whole bytes
-    chunk_bytes = bits * per_chunk // 8
     lead = raw.shape[:-1]
-    chunks = raw.reshape(*lead, -1, chunk_bytes).astype(np.uint64)
-    word = chunks[..., 0].copy()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole values within each byte
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        return ((raw[..., None] >> shifts) & np.uint8(mask)).reshape(*lead, -1)
+    per_chunk = 8 // gcd(bits, 8)  # values per chunk of whole bytes
+    chunk_bytes = bits * per_chunk // 8  # 3 bytes for 3 and 6 bits, 5 for 5 bits
+    word_type = np.uint32 if chunk_bytes <= 4 else np.uint64
+    chunks = raw.reshape(*lead, -1, chunk_bytes)
+    word = chunks[..., 0].astype(word_type)
     for i in range(1, chunk_bytes):
-        word |= chunks[..., i] << np.uint64(8 * i)
-    shifts = np.arange(per_chunk, dtype=np.uint64) * np.uint64(bits)
-    values = (word[..., None] >> shifts) & np.uint64((1 << bits) - 1)
+        word |= chunks[..., i].astype(word_type) << word_type(8 * i)
+    shifts = np.arange(per_chunk, dtype=word_type) * word_type(bits)
+    values = (word[..., None] >> shifts) & word_type(mask)
     return values.reshape(*lead, -1).astype(np.uint8)
 
 

@@ -115,6 +115,22 @@ class NumpyRotatingKVCache:
             return self.keys, self.values
         return all_k, all_v
 
+    def can_trim(self, n: int) -> bool:
+        """Whether forgetting the last `n` tokens leaves everything the next token would attend to."""
+        start = self.offset - min(n, self.offset)
+        needed = np.arange(max(self.keep, start - self.window + 1), start)
+        return bool(np.isin(needed, self.positions).all())
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens when `can_trim(n)`; returns how many were forgotten."""
+        n = min(n, self.offset)
+        if n == 0 or not self.can_trim(n):
+            return 0
+        self.offset -= n
+        kept = self.positions < self.offset
+        self.keys, self.values, self.positions = self.keys[:, :, kept], self.values[:, :, kept], self.positions[kept]
+        return n
+
     @property
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.keys, self.values, self.positions.copy()
