@@ -209,7 +209,7 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
         prefill_step_size=kw["prefill_step_size"], notify=notify,
     )
     after_turn = _PromptCache(prompt_cache, model_path, session, notify).after_turn if prompt_cache else (lambda: None)
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     if stdin.isatty():
         _interactive(session, after_turn)
     else:

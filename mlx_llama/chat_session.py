@@ -215,20 +215,28 @@ class ChatSession:
         close = [] if self.cached_ids and self.cached_ids[-1] in self.tokenizer.stop_ids else [self._eot]
         return close + self.tokenizer.encode(text[len(before):])
 
-    def _new_ids(self) -> list[int]:
-        """Bring the cache to the longest usable prefix; returns the ids still to feed."""
+    def _new_ids(self, info: dict[str, Any]) -> list[int]:
+        """Bring the cache to the longest usable prefix; returns the ids still to feed.
+
+        `info` receives how the turn started: tokens reused, rolled back, and the mode.
+        """
         self._fit_context()
         full = self._render_ids(self.messages)
         p = prompt_cache.common_prefix(self.cached_ids, full)
         p = min(p, len(full) - 1)  # feed at least one token: its logits start the answer
+        info.update(reused=p, rolled_back=0, mode="exact")
         if p < len(self.cached_ids):
-            if prompt_cache.rollback(self.cache, len(self.cached_ids) - p):
+            extra = len(self.cached_ids) - p
+            if prompt_cache.rollback(self.cache, extra):
                 del self.cached_ids[p:]
+                info["rolled_back"] = extra
             else:
                 cont = self._continuation_ids() if self._in_sync else None
                 if cont is not None:
+                    info.update(reused=len(self.cached_ids), mode="continued")
                     return cont
                 self._new_cache()
+                info.update(reused=0, mode="rebuilt")
                 p = 0
         return full[p:]
 
@@ -241,8 +249,8 @@ class ChatSession:
         message = {"role": "user", "content": text}
         self.messages.append(message)
         try:
-            new_ids = self._new_ids()
             stats = GenerationStats()
+            new_ids = self._new_ids(stats.extra)
             tokens = generate_with_sampler(
                 self.model, new_ids, self.sampler, max_tokens=self.max_tokens, cache=self.cache,
                 prefill_step_size=self.prefill_step_size, stop_ids=self.tokenizer.stop_ids, stats=stats,

@@ -106,6 +106,9 @@ def save(path: str | Path, cache: list, ids: Sequence[int], *, fingerprint: str,
     os.close(fd)
     try:
         mx.save_safetensors(tmp, tensors, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
