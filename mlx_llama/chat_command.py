@@ -9,7 +9,7 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from . import prompt_cache
+from .prompt_cache import PromptCacheFile
 from .backends import load_backend
 from .chat_session import ChatSession
 from .cli_options import model_options, sampling_kwargs, sampling_options
@@ -74,36 +74,6 @@ def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> boo
     else:
         say(f"unknown command {name}; /help lists the commands")
     return True
-
-
-class _PromptCache:
-    """--prompt-cache: restore at start, store the first turn's prompt once it has run."""
-
-    def __init__(self, path: Path, model_path: str, session: ChatSession, notify: Callable[[str], None]) -> None:
-        self.path, self.session, self.notify = path, session, notify
-        self.fingerprint = prompt_cache.model_fingerprint(Path(model_path))
-        self.dtype = prompt_cache.dtype_name(session.model)
-        self.stored: list[int] | None = None
-        try:
-            cache, ids = prompt_cache.load(path, session.model, fingerprint=self.fingerprint, dtype=self.dtype,
-                                           max_kv_size=session.max_kv_size, keep=session.keep)
-        except prompt_cache.PromptCacheMismatch as e:
-            if path.exists():
-                notify(f"[prompt cache ignored: {e}]")
-            return
-        session.adopt_cache(cache, ids)
-        self.stored = ids
-        notify(f"[prompt cache: {len(ids)} tokens loaded from {path}]")
-
-    def after_turn(self) -> None:
-        ids = self.session.first_prompt_ids()
-        if ids is None or ids == self.stored:
-            return
-        if prompt_cache.save(self.path, self.session.cache, ids, fingerprint=self.fingerprint, dtype=self.dtype):
-            self.notify(f"[prompt cache: saved {len(ids)} tokens to {self.path}]")
-        else:
-            self.notify("[prompt cache not saved: the rotating cache already evicted part of the prompt]")
-        self.stored = ids
 
 
 def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
@@ -208,7 +178,13 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
         max_tokens=kw["max_tokens"], max_kv_size=kw["max_kv_size"], keep=kw["keep"],
         prefill_step_size=kw["prefill_step_size"], notify=notify,
     )
-    after_turn = _PromptCache(prompt_cache, model_path, session, notify).after_turn if prompt_cache else (lambda: None)
+    after_turn: Callable[[], None] = lambda: None
+    if prompt_cache is not None:
+        pc = PromptCacheFile(prompt_cache, model_path, model, notify)
+        loaded = pc.load(session.max_kv_size, session.keep)
+        if loaded is not None:
+            session.adopt_cache(*loaded)  # the first turn keeps the prefix it shares
+        after_turn = lambda: pc.store(session.cache, session.first_prompt_ids())  # noqa: E731
     stdin = sys.stdin
     if stdin.isatty():
         _interactive(session, after_turn)

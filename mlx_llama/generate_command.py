@@ -16,6 +16,7 @@ from .cli_options import model_options, sampling_kwargs, sampling_options
 from .errors import MlxLlamaError
 from .generate import GenerationStats, generate_tokens
 from .loader import read_generation_config
+from .prompt_cache import PromptCacheFile
 from .text import stream_text
 
 
@@ -66,12 +67,14 @@ def _print_stats(stats: GenerationStats) -> None:
 @click.option("--system", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Reuse the KV cache of the longest prompt prefix stored in this file, and store the prompt there.")
 @sampling_options
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory statistics.")
 def generate_command(model_path: str, backend: str, dtype: str | None, prompt: str | None,
                      prompt_ids: str | None, prompts_file: Path | None, output: Path | None, force: bool,
                      system: str | None, raw: bool, stop_strings: tuple[str, ...], verbose: bool,
-                     **opts: Any) -> None:
+                     prompt_cache: Path | None, **opts: Any) -> None:
     """Generate text from a prompt, or answer every line of a prompts file."""
     given = [x for x in (prompt, prompt_ids, prompts_file) if x is not None]
     if len(given) != 1:
@@ -89,9 +92,13 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         if not prompts:
             raise MlxLlamaError(f"{prompts_file} holds no prompts")
 
+    if prompt_cache is not None and (backend != "mlx" or prompt is None):
+        raise MlxLlamaError("--prompt-cache works with --prompt on the mlx backend")
+
     model, tokenizer = load_backend(backend, model_path, dtype)
     kwargs = sampling_kwargs(opts, read_generation_config(Path(model_path)))
     stats = GenerationStats()
+    pc = PromptCacheFile(prompt_cache, model_path, model, lambda m: click.echo(m, err=True)) if prompt_cache else None
 
     if prompt_ids is not None:
         stop = tokenizer.stop_ids if tokenizer else model.config.eos_token_id
@@ -103,8 +110,11 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
 
         def answer(text: str) -> Any:
             ids = _prompt_ids(tokenizer, text, system, raw)
-            tokens = generate_tokens(model, ids, stop_ids=tokenizer.stop_ids, stats=stats, **kwargs)
-            return stream_text(tokens, tokenizer, stop_strings)
+            cache, feed = pc.start(ids, kwargs["max_kv_size"], kwargs["keep"]) if pc else (None, ids)
+            tokens = generate_tokens(model, feed, stop_ids=tokenizer.stop_ids, stats=stats, cache=cache, **kwargs)
+            yield from stream_text(tokens, tokenizer, stop_strings)
+            if pc:
+                pc.store(cache, ids)  # the cache's first len(ids) positions hold the prompt
 
         if prompts_file is None:
             for piece in answer(prompt):

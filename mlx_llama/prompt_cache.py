@@ -163,3 +163,51 @@ def load(path: str | Path, model: Any, *, fingerprint: str, dtype: str,
 def dtype_name(model: Any) -> str:
     dt = getattr(model, "dtype", None)
     return str(dt).replace("mlx.core.", "") if dt is not None else "unknown"
+
+
+class PromptCacheFile:
+    """`--prompt-cache FILE` for one run: restore the longest usable prefix, then store
+    one prompt (the run's first) so the next run can reuse it."""
+
+    def __init__(self, path: str | Path, model_dir: str | Path, model: Any, notify: Any) -> None:
+        self.path, self.model, self.notify = Path(path), model, notify
+        self.fingerprint = model_fingerprint(model_dir)
+        self.dtype = dtype_name(model)
+        self.stored: list[int] | None = None
+        self.done = False
+
+    def load(self, max_kv_size: int | None, keep: int) -> tuple[list, list[int]] | None:
+        try:
+            cache, ids = load(self.path, self.model, fingerprint=self.fingerprint, dtype=self.dtype,
+                              max_kv_size=max_kv_size, keep=keep)
+        except PromptCacheMismatch as e:
+            if self.path.exists():
+                self.notify(f"[prompt cache ignored: {e}]")
+            return None
+        self.stored = ids
+        self.notify(f"[prompt cache: {len(ids)} tokens loaded from {self.path}]")
+        return cache, ids
+
+    def start(self, prompt_ids: Sequence[int], max_kv_size: int | None, keep: int) -> tuple[list, list[int]]:
+        """A cache for `prompt_ids` and the ids still to feed (at least one)."""
+        prompt_ids = list(prompt_ids)
+        loaded = self.load(max_kv_size, keep)
+        if loaded is not None:
+            cache, ids = loaded
+            p = min(common_prefix(ids, prompt_ids), len(prompt_ids) - 1)
+            if rollback(cache, len(ids) - p):
+                return cache, prompt_ids[p:]
+        return self.model.make_cache(max_kv_size, keep), prompt_ids
+
+    def store(self, cache: list, ids: Sequence[int] | None) -> None:
+        """Save the cache's first `len(ids)` positions, once per run, unless the file has them."""
+        if self.done or not ids:
+            return
+        self.done = True
+        ids = list(ids)
+        if ids == self.stored:
+            return
+        if save(self.path, cache, ids, fingerprint=self.fingerprint, dtype=self.dtype):
+            self.notify(f"[prompt cache: saved {len(ids)} tokens to {self.path}]")
+        else:
+            self.notify("[prompt cache not saved: the rotating cache already evicted part of the prompt]")

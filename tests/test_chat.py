@@ -286,3 +286,17 @@ def test_interactive_ctrl_c_stops_the_answer(tiny_chat_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_generate_prompt_cache(tiny_chat_model, tmp_path):
+    pc = tmp_path / "gen.cache"
+    base = ["generate", "-m", str(tiny_chat_model), "--system", SYSTEM, "-n", "4", "-v"]
+    runs = [CliRunner().invoke(main, base + ["-p", p, "--prompt-cache", str(pc)])
+            for p in ("Hello there, how are you", "Hello there, who are you")]
+    plain = CliRunner().invoke(main, base + ["-p", "Hello there, who are you"])
+    assert all(r.exit_code == 0 for r in runs + [plain]), [r.output for r in runs]
+    assert "saved" in runs[0].stderr and "loaded" in runs[1].stderr
+    n_full = int(plain.stderr.split("prompt: ")[1].split()[0])
+    n_second = int(runs[1].stderr.split("prompt: ")[1].split()[0])
+    assert n_second < n_full // 2
+    assert runs[1].stdout == plain.stdout
