@@ -35,17 +35,22 @@ _BLOCK_ROWS = 4096  # rows dequantized at a time by packed layers
 
 
 class Dense:
-    """y = x @ W.T with W (out, in) held in the compute dtype."""
+    """y = x @ W.T with W (out, in) in the compute dtype, stored transposed.
+
+    A contiguous (in, out) operand is OpenBLAS's fast layout for the skinny
+    products of decode and short prefill chunks (2-3x faster than W.T as a view).
+    """
 
     def __init__(self, weight: np.ndarray) -> None:
-        self.weight = weight
+        self.wt = np.ascontiguousarray(weight.T)
+        self.weight = self.wt.T  # (out, in) view, for row lookups
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.weight.shape
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weight.T
+        return x @ self.wt
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return self.weight[ids]
