@@ -103,6 +103,9 @@ def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
         except MlxLlamaError as e:
             click.echo(f"error: {e}")
             continue
+        except KeyboardInterrupt:
+            click.echo(" [interrupted]")
+            continue
         try:
             for piece in answer:
                 out.write(piece)

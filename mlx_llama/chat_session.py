@@ -84,6 +84,7 @@ class ChatSession:
         self.notify = notify
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.last_stats: GenerationStats | None = None
+        self._unstarted: Message | None = None  # the question of an answer not yet started
         self.first_prompt_len: int | None = None  # cache positions of the first turn's prompt
         eot = tokenizer.encode("<|eot_id|>")
         self._eot = eot[0] if len(eot) == 1 and eot[0] in tokenizer.stop_ids else None
@@ -132,12 +133,14 @@ class ChatSession:
 
     def reset(self) -> None:
         """A new conversation with the same system prompt (its cached tokens are reused)."""
+        self._unstarted = None
         self.messages = self.messages[:1] if self.system is not None else []
         self._in_sync = False
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt, keeping the conversation; the cache follows at the next turn."""
         keep = self._keep_for(text)  # may refuse before anything changes
+        self._drop_unstarted()
         rest = self.messages[1:] if self.system is not None else self.messages
         self.messages = ([{"role": "system", "content": text}] if text else []) + rest
         if self.rotating and keep != self.keep:
@@ -148,12 +151,14 @@ class ChatSession:
         messages = validate_messages(messages)
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         keep = self._keep_for(system)
+        self._unstarted = None
         self.messages = messages
         if self.rotating and keep != self.keep:
             self._new_cache(keep)
         self._in_sync = False
 
     def save(self, path: str | Path) -> None:
+        self._drop_unstarted()
         try:
             Path(path).write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n")
         except OSError as e:
@@ -246,6 +251,7 @@ class ChatSession:
         The answer is recorded when the iterator ends or is closed (Ctrl-C keeps
         the partial answer).
         """
+        self._drop_unstarted()
         message = {"role": "user", "content": text}
         self.messages.append(message)
         try:
@@ -260,9 +266,18 @@ class ChatSession:
                 self.messages.pop()
             raise
         self.last_stats = stats
+        self._unstarted = message
         return self._answer(tokens, new_ids)
 
+    def _drop_unstarted(self) -> None:
+        """Forget a question whose answer was never started (closed before its first step):
+        neither it nor an answer reached the cache."""
+        message, self._unstarted = self._unstarted, None
+        if message is not None and self.messages and self.messages[-1] is message:
+            self.messages.pop()
+
     def _answer(self, tokens: Iterator[int], new_ids: list[int]) -> Iterator[str]:
+        self._unstarted = None
         base = len(self.cached_ids)
         generated: list[int] = []
         detok = self.tokenizer.detokenizer()

@@ -300,3 +300,14 @@ def test_generate_prompt_cache(tiny_chat_model, tmp_path):
     n_second = int(runs[1].stderr.split("prompt: ")[1].split()[0])
     assert n_second < n_full // 2
     assert runs[1].stdout == plain.stdout
+
+
+def test_unstarted_answer_leaves_no_trace(loaded):
+    model, tok = loaded
+    s = ChatSession(model, tok, system=SYSTEM, max_tokens=4)
+    "".join(s.ask("hi"))
+    s.ask("never answered").close()  # e.g. Ctrl-C between the question and the first token
+    "".join(s.ask("answered"))
+    assert [m["content"] for m in s.messages if m["role"] == "user"] == ["hi", "answered"]
+    prompt = tok.encode_chat(s.messages[:-1])
+    assert s.cached_ids[: len(prompt)] == prompt
