@@ -61,7 +61,11 @@ def validate(path: Path, name: str | None = None) -> Source:
     if cfg.quantization or raw.get("quantization_config"):
         raise MlxLlamaError(f"{path.name} is already quantized; convert from the original float checkpoint")
 
-    found = _all_tensors(path, _shard_files(path))
+    files, weight_map = _shard_files(path)
+    found = _all_tensors(path, files)
+    for key, file in weight_map.items():
+        if key not in found or found[key].file.name != file:
+            raise MlxLlamaError(f"{INDEX} puts {key} in {file}, but that file does not hold it")
     expected = expected_tensors(cfg)
     missing = [k for k in expected if k not in found]
     if missing:
@@ -84,7 +88,8 @@ def validate(path: Path, name: str | None = None) -> Source:
     return Source(path, name or path.resolve().name, raw, cfg, tensors, CODE_TO_NAME[dtype])
 
 
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files to read and the index's tensor -> file map (empty without an index)."""
     index = path / INDEX
     if index.is_file():
         try:
@@ -99,10 +104,10 @@ def _shard_files(path: Path) -> list[Path]:
                 )
             if not (path / n).is_file():
                 raise MlxLlamaError(f"{INDEX} names shard {n}, which is missing; the download is incomplete")
-        return [path / n for n in sorted(names)]
+        return [path / n for n in sorted(names)], weight_map
     files = sorted(path.glob("*.safetensors"))
     if files:
-        return files
+        return files, {}
     pickles = [p.relative_to(path) for pat in PICKLE_PATTERNS for p in path.glob(pat)]
     if pickles:
         raise MlxLlamaError(

@@ -122,6 +122,16 @@ def test_sharding_streaming_and_index(make_checkpoint, tokens, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "one"]
 
 
+def test_sharded_source(tmp_path, tokens):
+    cfg = make_config("tiny", **SMALL_VOCAB)
+    single = write_checkpoint(tmp_path / "single", cfg, dtype="float32", tokenizer=False)
+    sharded = write_checkpoint(tmp_path / "sharded", cfg, dtype="float32", tokenizer=False, shard_bytes=30_000)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a = convert(single, tmp_path / "a", bits=4, **QUIET)
+    b = convert(sharded, tmp_path / "b", bits=4, **QUIET)
+    np.testing.assert_array_equal(our_logits(a, tokens), our_logits(b, tokens))
+
+
 def test_report_and_config(make_checkpoint, tmp_path):
     path = make_checkpoint()
     report = convert_with_report(path, tmp_path / "q4", bits=4, dtype="bfloat16", **QUIET)

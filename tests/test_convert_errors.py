@@ -163,3 +163,13 @@ def test_interrupt_leaves_nothing(src, monkeypatch):
 ])
 def test_conflicting_flags(src, args, match):
     run_fails(src, *args, match=match)
+
+
+def test_index_disagrees_with_shard_headers(src):
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors",
+                                            "model.norm.weight": "other.safetensors"}}
+    (src / "other.safetensors").write_bytes(b"")
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_fails(src, match="truncated")  # the empty shard is caught first
+    mx.save_safetensors(str(src / "other.safetensors"), {"x": mx.zeros((1,))})
+    run_fails(src, match="puts model.norm.weight in other.safetensors")
