@@ -17,7 +17,7 @@ from .layout import layer_of, module_of
 from .quantize import Plan, make_plan, quantize_chunk, quantized_shapes
 from .report import Report, dir_size
 from .safetensors_io import OutTensor, RowReader, TensorRef
-from .source import Source, open_source
+from .source import Source, open_source, source_name
 from .writer import MAX_SHARD_BYTES, ShardWriter, check_output_dir, staged_output
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -53,6 +53,9 @@ def convert_with_report(source: str | Path, out_dir: str | Path | None = None, *
         raise MlxLlamaError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if not quantize:
         bits, recipe = None, None
+    if out_dir is not None or bits or recipe:  # refuse an existing OUT_DIR before any download
+        early = out_dir or default_out_name(source_name(str(source)), bits, recipe, "")
+        check_output_dir(Path(early), force, Path(str(source)))
     src = open_source(str(source), revision, log)
     target = dtype or src.dtype
     out = Path(out_dir) if out_dir is not None else Path.cwd() / default_out_name(src.name, bits, recipe, target)

@@ -28,18 +28,27 @@ class Source:
     dtype: str  # the weights' dtype name, e.g. "bfloat16"
 
 
-def resolve(source: str, revision: str | None = None, log: Callable[[str], None] = print) -> tuple[Path, str]:
-    """The local directory holding SOURCE and a short name for it."""
+def source_name(source: str) -> str:
+    """A short name for SOURCE (directory or repo name), known before anything is downloaded."""
     p = Path(source).expanduser()
     if p.is_dir():
-        if revision:
-            raise MlxLlamaError("--revision applies to hub repos only, but SOURCE is a local directory")
-        return p, p.resolve().name
+        return p.resolve().name
     if p.exists():
         raise MlxLlamaError(f"{source} is a file; SOURCE must be a model directory or a hub repo id")
     if not hub.looks_like_repo_id(source):
         raise MlxLlamaError(f"{source!r} is neither a directory nor a Hugging Face repo id like org/name")
-    return hub.download(source, revision, log), source.split("/")[-1]
+    return source.split("/")[-1]
+
+
+def resolve(source: str, revision: str | None = None, log: Callable[[str], None] = print) -> tuple[Path, str]:
+    """The local directory holding SOURCE and a short name for it."""
+    name = source_name(source)
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if revision:
+            raise MlxLlamaError("--revision applies to hub repos only, but SOURCE is a local directory")
+        return p, name
+    return hub.download(source, revision, log), name
 
 
 def open_source(source: str, revision: str | None = None, log: Callable[[str], None] = print) -> Source:

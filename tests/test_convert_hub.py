@@ -81,3 +81,9 @@ def test_neither_directory_nor_repo_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["convert", "no such thing"])
     assert result.exit_code != 0 and "neither a directory nor a Hugging Face repo id" in result.output
+
+
+def test_existing_output_refused_before_any_download(offline_cache, tmp_path):
+    (tmp_path / "absent-4bit").mkdir()
+    result = CliRunner().invoke(main, ["convert", "org/absent"])  # not cached: a fetch would fail
+    assert result.exit_code != 0 and "already exists; pass --force" in result.output
