@@ -158,25 +158,27 @@ class NumpyModel:
         self.config = cfg
         self.dtype = NUMPY_DTYPES[dtype]
         self._dequantize_at = dequantize
-        self._weights = {k: v for k, v in weights.items() if not k.endswith(_HARMLESS)}
+        # `weights` is consumed: tensors are popped as they are converted, so the
+        # file-backed or widened originals are freed one by one.
+        self._weights = weights
+        for name in [k for k in weights if k.endswith(_HARMLESS)]:
+            del weights[name]
         if cfg.tie_word_embeddings:
             self._weights.pop("lm_head.weight", None)
-        self._used: set[str] = set()
         self.embed = self._matrix("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size))
         self.layers = [self._layer(i) for i in range(cfg.num_hidden_layers)]
         self.norm = self._vector("model.norm.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings else self._matrix(
             "lm_head", (cfg.vocab_size, cfg.hidden_size))
-        extra = sorted(set(self._weights) - self._used)
+        extra = sorted(self._weights)
         if extra:
             raise MlxLlamaError(f"unexpected tensors for this config: {', '.join(extra[:5])}")
-        del self._weights, self._used
+        del self._weights
 
     def _take(self, name: str) -> np.ndarray:
         if name not in self._weights:
             raise MlxLlamaError(f"weights lack {name}")
-        self._used.add(name)
-        return self._weights[name]
+        return self._weights.pop(name)
 
     def _vector(self, name: str) -> np.ndarray:
         w = self._take(name)

@@ -180,3 +180,34 @@ def test_generate_backend_numpy_matches_mlx(models: dict[str, Path]) -> None:
         assert result.exit_code == 0, result.output
         outputs[backend] = result.output.split()
     assert len(outputs["numpy"]) >= 1 and outputs["numpy"] == outputs["mlx"]
+
+
+def test_dequantize_per_call_matches_at_load(models: dict[str, Path]) -> None:
+    path = models["mixed-3bit-6bit"]
+    tokens = np.array([PROMPT])
+    at_load = load_numpy_model(path)(tokens)
+    per_call = load_numpy_model(path, dequantize="call")(tokens)
+    np.testing.assert_allclose(per_call, at_load, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_backend_user_errors(models: dict[str, Path], tmp_path: Path) -> None:
+    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.numpy_model import NumpyModel
+    from mlx_llama.numpy_weights import read_numpy_weights
+    from mlx_llama.config import ModelConfig
+
+    path = models["float-mha-untied"]
+    cfg = ModelConfig.from_file(path / "config.json")
+    with pytest.raises(MlxLlamaError, match="float32 or float64"):
+        load_numpy_model(path, "float16")
+    weights = read_numpy_weights(path)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(MlxLlamaError, match="lack model.layers.1.mlp.up_proj.weight"):
+        NumpyModel(cfg, weights)
+    weights = read_numpy_weights(path)
+    weights["model.layers.9.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(MlxLlamaError, match="unexpected tensors"):
+        NumpyModel(cfg, weights)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(MlxLlamaError, match="not a safetensors file"):
+        read_numpy_weights(tmp_path)
