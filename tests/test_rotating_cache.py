@@ -14,7 +14,15 @@ from mlx_llama.cache import KVCache, RotatingKVCache
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.loader import load_model
 
+# Max |Δlogit| relative to max |logit|.  Chunked and full-sequence passes multiply
+# matrices of different shapes, and an optimized BLAS blocks them differently:
+# measured ≤ 7e-7 relative (1.2e-5 absolute on logits up to 18) with OpenBLAS, less with the
+# reference BLAS.  A masking mistake moves logits by O(0.1).
 TOL = 1e-5
+
+
+def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 class ContractMaskCache:
@@ -60,7 +68,7 @@ def test_identical_to_growing_cache_while_it_fits(model):
     tokens = TOKENS[:100]
     growing = run_chunked(model, [KVCache() for _ in model.layers], tokens, [7, 1, 30])
     rotating = run_chunked(model, [RotatingKVCache(128, 4) for _ in model.layers], tokens, [7, 1, 30])
-    assert np.abs(growing - rotating).max() < TOL
+    assert rel_err(rotating, growing) < TOL
 
 
 @pytest.mark.parametrize(
@@ -74,7 +82,7 @@ def test_matches_contract_for_any_chunking(model, chunks, max_size, keep):
     expected = contract_logits(model, TOKENS, max_size, keep)
     caches = [RotatingKVCache(max_size, keep) for _ in model.layers]
     got = run_chunked(model, caches, TOKENS, chunks)
-    assert np.abs(got - expected).max() < TOL
+    assert rel_err(got, expected) < TOL
     # Never more than max_size tokens held between calls; kept tokens still there.
     assert caches[0].size == max_size
     positions = np.sort(caches[0].state[2])
@@ -86,7 +94,7 @@ def test_reuse_across_calls_is_chunking_independent(model):
     """A cache carried across several prefill+decode calls equals one continuous run."""
     a = run_chunked(model, [RotatingKVCache(24, 4) for _ in model.layers], TOKENS[:200], [50, 1, 1, 1, 9])
     b = run_chunked(model, [RotatingKVCache(24, 4) for _ in model.layers], TOKENS[:200], [1])
-    assert np.abs(a - b).max() < TOL
+    assert rel_err(a, b) < TOL
 
 
 def test_bad_sizes_are_user_errors():
