@@ -60,7 +60,11 @@ def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array
             raise MlxLlamaError(f"{path} is quantized but config.json has no quantization for it")
         return params
 
-    nn.quantize(model, class_predicate=predicate)
+    # Our QuantizedLinear/QuantizedEmbedding (same parameter names as mlx's) run
+    # on the fast CPU kernels of mlx_llama.qmatmul.
+    from .quantized import quantize
+
+    quantize(model, class_predicate=predicate)
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> Model:

@@ -1,0 +1,84 @@
+// Python bindings: mlx_llama._qmm_ext
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "qmm.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+using namespace nb::literals;
+
+NB_MODULE(_qmm_ext, m) {
+  m.doc() = "mlx-llama CPU kernels for MLX affine-quantized matmul";
+
+  m.def(
+      "quantized_matmul",
+      [](const mx::array& x,
+         const mx::array& w,
+         const mx::array& scales,
+         const mx::array& biases,
+         int group_size,
+         int bits,
+         const std::string& mode,
+         mx::StreamOrDevice s) {
+        mlx_llama::Mode md;
+        if (mode == "q8") {
+          md = mlx_llama::Mode::Q8;
+        } else if (mode == "exact") {
+          md = mlx_llama::Mode::Exact;
+        } else {
+          throw std::invalid_argument("mode must be 'q8' or 'exact'");
+        }
+        return mlx_llama::quantized_matmul(
+            x, w, scales, biases, group_size, bits, md, s);
+      },
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a = "q8",
+      "stream"_a = nb::none(),
+      "x @ dequantize(w, scales, biases).T on the CPU (MLX affine format).");
+
+  m.def(
+      "dequantize",
+      &mlx_llama::dequantize,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a,
+      "bits"_a,
+      "stream"_a = nb::none(),
+      "Dequantize to float32 on the CPU (multi-threaded).");
+
+  m.def(
+      "q8_supported",
+      &mlx_llama::q8_supported,
+      "K"_a,
+      "group_size"_a,
+      "bits"_a,
+      "Whether the int8-activation fast path handles these parameters.");
+
+  m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
+
+  m.def(
+      "num_threads",
+      [] { return mlx_llama::ThreadPool::instance().size(); },
+      "Threads the kernels use (including the caller).");
+  m.def(
+      "set_num_threads",
+      [](int n) { mlx_llama::ThreadPool::instance().resize(n); },
+      "n"_a,
+      "Resize the kernel thread pool (n >= 1 threads in total).");
+  m.def(
+      "set_spin_us",
+      [](int us) { mlx_llama::ThreadPool::instance().set_spin_us(us); },
+      "us"_a,
+      "How long idle pool threads spin before sleeping.");
+}

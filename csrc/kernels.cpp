@@ -1,0 +1,723 @@
+// Quantized matmul kernels: see kernels.h for the data layout.
+//
+// Two paths:
+//  * Exact: per weight row and group, unpack q to float32 (SIMD for 2/4/8 bits,
+//    scalar bit-stream extraction otherwise), then
+//      y[m, n] = sum_g s[n, g] * dot(x[m, g], q[n, g]) + b[n, g] * sum(x[m, g])
+//    in float32.
+//  * Q8 (AVX2 only): x is quantized to int8 per 32-element block (scale
+//    d = max|x| / 127), stored in the "plane" order of the packed weights so
+//    that a 32-byte load of packed weights splits into bits-wide planes with a
+//    shift and a mask and meets its activations with _mm256_maddubs_epi16.
+//    The bias term uses the exact float32 group sums of x.
+//
+// Every output element is computed by one task with a fixed operation order
+// that does not depend on the number of threads, so results are bit-identical
+// for any thread count.
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MLXL_X86 1
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace mlx_llama {
+
+namespace {
+
+bool cpu_has_avx2() {
+#ifdef MLXL_X86
+  static const bool v = [] {
+    if (std::getenv("MLX_LLAMA_FORCE_SCALAR")) {
+      return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
+inline int ceil_div(int a, int b) {
+  return (a + b - 1) / b;
+}
+
+// Value k of a packed row (little-endian bit stream), any bits in 1..8.
+inline uint32_t extract_bits(const uint8_t* row, int64_t k, int bits) {
+  int64_t bit = k * bits;
+  const uint8_t* p = row + (bit >> 3);
+  int shift = static_cast<int>(bit & 7);
+  uint32_t v = p[0];
+  if (shift + bits > 8) {
+    v |= static_cast<uint32_t>(p[1]) << 8;
+  }
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+// ---------------------------------------------------------------------------
+// Exact path: unpack one group of a row to float32.
+// ---------------------------------------------------------------------------
+
+void unpack_group_scalar(
+    const uint8_t* row,
+    int k0,
+    int g,
+    int bits,
+    float* out) {
+  for (int i = 0; i < g; ++i) {
+    out[i] = static_cast<float>(extract_bits(row, k0 + i, bits));
+  }
+}
+
+float dot_scalar(const float* a, const float* b, int n) {
+  // 8 independent partial sums (same association as the SIMD versions use
+  // lane-wise, so scalar and SIMD agree closely).
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      acc[j] += a[i + j] * b[i + j];
+    }
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+      ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+#if defined(__aarch64__)
+float dot_neon(const float* a, const float* b, int n) {
+  float32x4_t a0 = vdupq_n_f32(0.f), a1 = vdupq_n_f32(0.f);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a0 = vfmaq_f32(a0, vld1q_f32(a + i), vld1q_f32(b + i));
+    a1 = vfmaq_f32(a1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+  }
+  float s = vaddvq_f32(vaddq_f32(a0, a1));
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+#endif
+
+#ifdef MLXL_X86
+TARGET_AVX2 inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  s = _mm_add_ss(s, sh);
+  return _mm_cvtss_f32(s);
+}
+
+TARGET_AVX2 float dot_avx2(const float* a, const float* b, int n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  }
+  float s = hsum256(_mm256_add_ps(a0, a1));
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+// g is a multiple of 32 here.
+TARGET_AVX2 void unpack_group_avx2(
+    const uint8_t* row,
+    int k0,
+    int g,
+    int bits,
+    float* out) {
+  if (bits == 4) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row) + k0 / 8;
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    for (int i = 0; i < g; i += 8) {
+      __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(w[i / 8]), sh);
+      _mm256_storeu_ps(
+          out + i, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)));
+    }
+  } else if (bits == 8) {
+    const uint8_t* w = row + k0;
+    for (int i = 0; i < g; i += 8) {
+      __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i));
+      _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8)));
+    }
+  } else if (bits == 2) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row) + k0 / 16;
+    const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    const __m256i mask = _mm256_set1_epi32(0x3);
+    for (int i = 0; i < g; i += 16) {
+      __m256i word = _mm256_set1_epi32(w[i / 16]);
+      _mm256_storeu_ps(
+          out + i,
+          _mm256_cvtepi32_ps(
+              _mm256_and_si256(_mm256_srlv_epi32(word, sh0), mask)));
+      _mm256_storeu_ps(
+          out + i + 8,
+          _mm256_cvtepi32_ps(
+              _mm256_and_si256(_mm256_srlv_epi32(word, sh1), mask)));
+    }
+  } else {
+    unpack_group_scalar(row, k0, g, bits, out);
+  }
+}
+#endif
+
+struct ExactCtx {
+  const QMatmulArgs* a;
+  const float* xsum; // M x (K / g)
+  int row_bytes;
+  int n_groups;
+  bool avx2;
+};
+
+// Rows [n0, n1) for all M.
+void exact_rows(const ExactCtx& c, int n0, int n1) {
+  const QMatmulArgs& a = *c.a;
+  const int g = a.group_size;
+  std::vector<float> buf(g);
+  std::vector<float> acc(a.M);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row =
+        reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
+    const float* s = a.scales + int64_t(n) * c.n_groups;
+    const float* b = a.biases + int64_t(n) * c.n_groups;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int gi = 0; gi < c.n_groups; ++gi) {
+      const int k0 = gi * g;
+#ifdef MLXL_X86
+      if (c.avx2 && g % 32 == 0) {
+        unpack_group_avx2(row, k0, g, a.bits, buf.data());
+      } else
+#endif
+      {
+        unpack_group_scalar(row, k0, g, a.bits, buf.data());
+      }
+      for (int m = 0; m < a.M; ++m) {
+        const float* xm = a.x + int64_t(m) * a.K + k0;
+        float d;
+#ifdef MLXL_X86
+        if (c.avx2) {
+          d = dot_avx2(xm, buf.data(), g);
+        } else
+#endif
+        {
+#if defined(__aarch64__)
+          d = dot_neon(xm, buf.data(), g);
+#else
+          d = dot_scalar(xm, buf.data(), g);
+#endif
+        }
+        acc[m] += s[gi] * d + b[gi] * c.xsum[int64_t(m) * c.n_groups + gi];
+      }
+    }
+    for (int m = 0; m < a.M; ++m) {
+      a.y[int64_t(m) * a.N + n] = acc[m];
+    }
+  }
+}
+
+// Exact per-group sums of x (shared by both paths).
+void group_sums(const QMatmulArgs& a, float* xsum) {
+  const int ng = a.K / a.group_size;
+  for (int m = 0; m < a.M; ++m) {
+    const float* xm = a.x + int64_t(m) * a.K;
+    for (int gi = 0; gi < ng; ++gi) {
+      const float* p = xm + gi * a.group_size;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int i = 0;
+      for (; i + 8 <= a.group_size; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+          acc[j] += p[i + j];
+        }
+      }
+      float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+          ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      for (; i < a.group_size; ++i) {
+        sum += p[i];
+      }
+      xsum[int64_t(m) * ng + gi] = sum;
+    }
+  }
+}
+
+constexpr int kRowsPerTask = 32;
+
+void qmatmul_exact(const QMatmulArgs& a) {
+  const int ng = a.K / a.group_size;
+  std::vector<float> xsum(int64_t(a.M) * ng);
+  group_sums(a, xsum.data());
+  ExactCtx c{&a, xsum.data(), a.K * a.bits / 8, ng, cpu_has_avx2()};
+  const int n_tasks = ceil_div(a.N, kRowsPerTask);
+  ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
+    int n0 = t * kRowsPerTask;
+    exact_rows(c, n0, std::min(a.N, n0 + kRowsPerTask));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Q8 path (AVX2).
+// ---------------------------------------------------------------------------
+#ifdef MLXL_X86
+
+struct Q8Ctx {
+  const QMatmulArgs* a;
+  const int8_t* xq; // M x K, plane order
+  const float* xs; // M x (K / E * 8): per-lane activation scales
+  const float* xsum; // M x n_groups
+  const float* xdq; // M x n_groups: sums of the int8-rounded activations
+  int row_bytes;
+  int n_groups;
+  int n_chunks; // K / E
+};
+
+// Quantize row m of x into plane order for `bits`.
+void quantize_row(
+    const float* x,
+    int K,
+    int bits,
+    int group_size,
+    int8_t* xq,
+    float* xs,
+    float* xdq_sum) {
+  const int P = 8 / bits;
+  const int E = 256 / bits;
+  const int nb = K / 32;
+  float dblk[1024];
+  std::vector<float> dv;
+  float* d = dblk;
+  if (nb > 1024) {
+    dv.resize(nb);
+    d = dv.data();
+  }
+  for (int blk = 0; blk < nb; ++blk) {
+    const float* p = x + blk * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) {
+      amax = std::max(amax, std::fabs(p[i]));
+    }
+    const float db = amax / 127.f;
+    const float id = db > 0.f ? 127.f / amax : 0.f;
+    d[blk] = db;
+    int isum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int k = blk * 32 + i;
+      const int c = k / E, within = k % E;
+      const int j = within / P, pl = within % P;
+      const int q = static_cast<int>(std::nearbyint(p[i] * id));
+      isum += q;
+      xq[int64_t(c) * 32 * P + pl * 32 + j] = static_cast<int8_t>(q);
+    }
+    // Sum of the dequantized activations per weight group (see bias_dot).
+    const int gi = blk * 32 / group_size;
+    if ((blk * 32) % group_size == 0) {
+      xdq_sum[gi] = 0.f;
+    }
+    xdq_sum[gi] += db * static_cast<float>(isum);
+  }
+  const int n_chunks = K / E;
+  for (int c = 0; c < n_chunks; ++c) {
+    for (int l = 0; l < 8; ++l) {
+      xs[c * 8 + l] = d[(c * E + 4 * P * l) / 32];
+    }
+  }
+}
+
+// Weight scale per lane for chunk ch. RK = E / g when E > g, else 1.
+template <int RK>
+TARGET_AVX2 inline __m256
+lane_scales(const float* s, int ch, int E, int g) {
+  if constexpr (RK == 1) {
+    return _mm256_broadcast_ss(s + (int64_t(ch) * E) / g);
+  } else if constexpr (RK == 2) {
+    __m128 v = _mm_castpd_ps(
+        _mm_load_sd(reinterpret_cast<const double*>(s + ch * 2)));
+    return _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else {
+    __m128 v = _mm_loadu_ps(s + ch * 4);
+    return _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  }
+}
+
+// The terms of y outside the integer dot products, for one (row, column):
+//  * 8 bits: the kernel multiplies (q - 128) by the int8 activations, so
+//      sum_g (b_g + 128 s_g) * xsum_g
+//  * 2/4 bits: the kernel multiplies unsigned q; re-centring q around
+//    c = 2^(bits-1) in exact arithmetic,
+//      sum_g b_g * xsum_g + c * s_g * (xsum_g - xdqsum_g)
+//    which moves c * sum(x - x_dq) of the activation rounding error back to
+//    exact values (about halves the error of the int8 path).
+template <int BITS>
+TARGET_AVX2 float bias_dot(
+    const float* b,
+    const float* s,
+    const float* xsum,
+    const float* xdq,
+    int ng) {
+  constexpr float c = static_cast<float>(1 << (BITS - 1));
+  const __m256 cv = _mm256_set1_ps(c);
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= ng; i += 8) {
+    const __m256 sv = _mm256_loadu_ps(s + i);
+    const __m256 bv = _mm256_loadu_ps(b + i);
+    const __m256 xv = _mm256_loadu_ps(xsum + i);
+    if constexpr (BITS == 8) {
+      acc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, cv, bv), xv, acc);
+    } else {
+      const __m256 dv = _mm256_sub_ps(xv, _mm256_loadu_ps(xdq + i));
+      acc = _mm256_fmadd_ps(bv, xv, acc);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, cv), dv, acc);
+    }
+  }
+  float r = hsum256(acc);
+  for (; i < ng; ++i) {
+    if constexpr (BITS == 8) {
+      r = std::fma(std::fma(s[i], c, b[i]), xsum[i], r);
+    } else {
+      r = std::fma(b[i], xsum[i], r);
+      r = std::fma(s[i] * c, xsum[i] - xdq[i], r);
+    }
+  }
+  return r;
+}
+
+// R weight rows x C activation rows over the whole K.
+template <int BITS, int RK, int R, int C>
+TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+  constexpr int P = 8 / BITS;
+  constexpr int E = 256 / BITS;
+  const QMatmulArgs& a = *c.a;
+  const int g = a.group_size;
+  const int ng = c.n_groups;
+  const uint8_t* wr[R];
+  const float* sr[R];
+  for (int r = 0; r < R; ++r) {
+    wr[r] = reinterpret_cast<const uint8_t*>(a.w) +
+        int64_t(n0 + r) * c.row_bytes;
+    sr[r] = a.scales + int64_t(n0 + r) * ng;
+  }
+  const int8_t* xr[C];
+  const float* xsr[C];
+  for (int j = 0; j < C; ++j) {
+    xr[j] = c.xq + int64_t(m0 + j) * a.K;
+    xsr[j] = c.xs + int64_t(m0 + j) * c.n_chunks * 8;
+  }
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < C; ++j) {
+      acc[r][j] = _mm256_setzero_ps();
+    }
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int ch = 0; ch < c.n_chunks; ++ch) {
+    for (int r = 0; r < R; ++r) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
+      const __m256 wsv = lane_scales<RK>(sr[r], ch, E, g);
+      if constexpr (BITS == 8) {
+        const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
+        const __m256i qa = _mm256_sign_epi8(qs, qs); // |q - 128|
+        for (int j = 0; j < C; ++j) {
+          const __m256i xv = _mm256_load_si256(
+              reinterpret_cast<const __m256i*>(xr[j] + ch * 32));
+          const __m256i s16 =
+              _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv, qs));
+          const __m256i i32 = _mm256_madd_epi16(s16, ones);
+          const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
+          acc[r][j] = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
+        }
+      } else {
+        __m256i wp[P];
+        wp[0] = _mm256_and_si256(raw, mask);
+        for (int p = 1; p < P; ++p) {
+          wp[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
+        }
+        for (int j = 0; j < C; ++j) {
+          const int8_t* xp = xr[j] + int64_t(ch) * 32 * P;
+          __m256i s16 = _mm256_maddubs_epi16(
+              wp[0], _mm256_load_si256(reinterpret_cast<const __m256i*>(xp)));
+          for (int p = 1; p < P; ++p) {
+            s16 = _mm256_add_epi16(
+                s16,
+                _mm256_maddubs_epi16(
+                    wp[p],
+                    _mm256_load_si256(
+                        reinterpret_cast<const __m256i*>(xp + 32 * p))));
+          }
+          const __m256i i32 = _mm256_madd_epi16(s16, ones);
+          const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
+          acc[r][j] = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* br = a.biases + int64_t(n0 + r) * ng;
+    for (int j = 0; j < C; ++j) {
+      const float bias = bias_dot<BITS>(
+          br,
+          sr[r],
+          c.xsum + int64_t(m0 + j) * ng,
+          c.xdq + int64_t(m0 + j) * ng,
+          ng);
+      a.y[int64_t(m0 + j) * a.N + n0 + r] = hsum256(acc[r][j]) + bias;
+    }
+  }
+}
+
+using TileFn = void (*)(const Q8Ctx&, int, int);
+
+struct TileSet {
+  // [c - 1]: wide tile (R = 4 for c <= 2, R = 2 for c >= 3), single row tile.
+  TileFn wide[4];
+  TileFn single[4];
+  int wide_rows[4];
+};
+
+template <int BITS, int RK>
+TileSet make_tiles() {
+  return TileSet{
+      {q8_tile<BITS, RK, 4, 1>,
+       q8_tile<BITS, RK, 4, 2>,
+       q8_tile<BITS, RK, 2, 3>,
+       q8_tile<BITS, RK, 2, 4>},
+      {q8_tile<BITS, RK, 1, 1>,
+       q8_tile<BITS, RK, 1, 2>,
+       q8_tile<BITS, RK, 1, 3>,
+       q8_tile<BITS, RK, 1, 4>},
+      {4, 4, 2, 2}};
+}
+
+const TileSet* tiles_for(int bits, int g) {
+  static const TileSet t8 = make_tiles<8, 1>();
+  static const TileSet t4_1 = make_tiles<4, 1>();
+  static const TileSet t4_2 = make_tiles<4, 2>();
+  static const TileSet t2_1 = make_tiles<2, 1>();
+  static const TileSet t2_2 = make_tiles<2, 2>();
+  static const TileSet t2_4 = make_tiles<2, 4>();
+  const int E = 256 / bits;
+  const int rk = E > g ? E / g : 1;
+  switch (bits) {
+    case 8:
+      return &t8;
+    case 4:
+      return rk == 1 ? &t4_1 : &t4_2;
+    case 2:
+      return rk == 1 ? &t2_1 : (rk == 2 ? &t2_2 : &t2_4);
+    default:
+      return nullptr;
+  }
+}
+
+constexpr int kQ8RowsPerTask = 32; // weight rows per task
+constexpr int kQ8ColsPerTask = 64; // activation rows per task
+
+void qmatmul_q8(const QMatmulArgs& a) {
+  const int E = 256 / a.bits;
+  const int ng = a.K / a.group_size;
+  const int n_chunks = a.K / E;
+  const TileSet* ts = tiles_for(a.bits, a.group_size);
+
+  // Scratch: quantized x (32-byte aligned rows; K is a multiple of 32).
+  struct Scratch {
+    std::vector<int8_t> xq;
+    std::vector<float> xs, xsum, xdq;
+  };
+  static thread_local Scratch sc;
+  const size_t xq_bytes = size_t(a.M) * a.K + 64;
+  if (sc.xq.size() < xq_bytes) {
+    sc.xq.resize(xq_bytes);
+  }
+  const size_t xs_n = size_t(a.M) * n_chunks * 8 + 16;
+  if (sc.xs.size() < xs_n) {
+    sc.xs.resize(xs_n);
+  }
+  sc.xsum.resize(size_t(a.M) * ng);
+  sc.xdq.resize(size_t(a.M) * ng);
+  int8_t* xq = reinterpret_cast<int8_t*>(
+      (reinterpret_cast<uintptr_t>(sc.xq.data()) + 31) & ~uintptr_t(31));
+  float* xs = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(sc.xs.data()) + 31) & ~uintptr_t(31));
+  // Plain pointers: `sc` is thread-local, so pool threads must not name it.
+  float* xsum = sc.xsum.data();
+  float* xdq = sc.xdq.data();
+
+  auto& pool = ThreadPool::instance();
+  auto prep = [&](int m0, int m1) {
+    for (int m = m0; m < m1; ++m) {
+      quantize_row(
+          a.x + int64_t(m) * a.K,
+          a.K,
+          a.bits,
+          a.group_size,
+          xq + int64_t(m) * a.K,
+          xs + int64_t(m) * n_chunks * 8,
+          xdq + int64_t(m) * ng);
+    }
+  };
+  if (a.M >= 16) {
+    const int per = 8;
+    pool.parallel_for(ceil_div(a.M, per), [&](int t, int) {
+      prep(t * per, std::min(a.M, (t + 1) * per));
+    });
+  } else {
+    prep(0, a.M);
+  }
+  group_sums(a, xsum);
+
+  Q8Ctx c{
+      &a,
+      xq,
+      xs,
+      xsum,
+      xdq,
+      a.K * a.bits / 8,
+      ng,
+      n_chunks};
+  const int nt = ceil_div(a.N, kQ8RowsPerTask);
+  const int mt = ceil_div(a.M, kQ8ColsPerTask);
+  pool.parallel_for(nt * mt, [&](int t, int) {
+    const int nb = t / mt, mb = t % mt;
+    const int n0 = nb * kQ8RowsPerTask;
+    const int n1 = std::min(a.N, n0 + kQ8RowsPerTask);
+    const int m0 = mb * kQ8ColsPerTask;
+    const int m1 = std::min(a.M, m0 + kQ8ColsPerTask);
+    for (int m = m0; m < m1; m += 4) {
+      const int cols = std::min(4, m1 - m);
+      const int R = ts->wide_rows[cols - 1];
+      int n = n0;
+      for (; n + R <= n1; n += R) {
+        ts->wide[cols - 1](c, n, m);
+      }
+      for (; n < n1; ++n) {
+        ts->single[cols - 1](c, n, m);
+      }
+    }
+  });
+}
+#endif // MLXL_X86
+
+} // namespace
+
+bool q8_supported(int K, int group_size, int bits) {
+#ifdef MLXL_X86
+  if (!cpu_has_avx2()) {
+    return false;
+  }
+  if (bits != 2 && bits != 4 && bits != 8) {
+    return false;
+  }
+  if (group_size % 32 != 0) {
+    return false;
+  }
+  const int E = 256 / bits;
+  return K % E == 0 && K % 32 == 0;
+#else
+  (void)K;
+  (void)group_size;
+  (void)bits;
+  return false;
+#endif
+}
+
+void qmatmul(const QMatmulArgs& a, Mode mode) {
+  if (a.M == 0 || a.N == 0) {
+    return;
+  }
+#ifdef MLXL_X86
+  if (mode == Mode::Q8 && q8_supported(a.K, a.group_size, a.bits)) {
+    qmatmul_q8(a);
+    return;
+  }
+#endif
+  (void)mode;
+  qmatmul_exact(a);
+}
+
+void dequantize_rows(
+    const uint32_t* w,
+    const float* scales,
+    const float* biases,
+    float* out,
+    int N,
+    int K,
+    int group_size,
+    int bits) {
+  const int ng = K / group_size;
+  const int row_bytes = K * bits / 8;
+  const bool avx2 = cpu_has_avx2();
+  const int n_tasks = ceil_div(N, kRowsPerTask);
+  ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
+    const int n0 = t * kRowsPerTask;
+    const int n1 = std::min(N, n0 + kRowsPerTask);
+    for (int n = n0; n < n1; ++n) {
+      const uint8_t* row =
+          reinterpret_cast<const uint8_t*>(w) + int64_t(n) * row_bytes;
+      float* o = out + int64_t(n) * K;
+      for (int gi = 0; gi < ng; ++gi) {
+        const int k0 = gi * group_size;
+#ifdef MLXL_X86
+        if (avx2 && group_size % 32 == 0) {
+          unpack_group_avx2(row, k0, group_size, bits, o + k0);
+        } else
+#endif
+        {
+          unpack_group_scalar(row, k0, group_size, bits, o + k0);
+        }
+        const float s = scales[int64_t(n) * ng + gi];
+        const float b = biases[int64_t(n) * ng + gi];
+        for (int i = 0; i < group_size; ++i) {
+          o[k0 + i] = s * o[k0 + i] + b;
+        }
+      }
+    }
+  });
+}
+
+const char* isa() {
+#ifdef MLXL_X86
+  return cpu_has_avx2() ? "avx2" : "scalar";
+#elif defined(__aarch64__)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
+
+} // namespace mlx_llama

@@ -1,0 +1,57 @@
+// CPU kernels for y = x @ dequantize(w, scales, biases).T in MLX's affine
+// quantization format:
+//   w:       N x (K * bits / 32) uint32, values packed little-endian as one
+//            continuous bit stream per row (value k at bit k * bits)
+//   scales:  N x (K / group_size) float32
+//   biases:  N x (K / group_size) float32
+//   w_hat[n, k] = scales[n, k / g] * q[n, k] + biases[n, k / g]
+// x is M x K float32 (row-major), y is M x N float32.
+#pragma once
+
+#include <cstdint>
+
+namespace mlx_llama {
+
+enum class Mode : int {
+  // float32 activations, float32 accumulation (matches mx.quantized_matmul
+  // to ~1e-6 relative).
+  Exact = 0,
+  // Activations quantized to int8 per block of 32 (like llama.cpp's Q8_0),
+  // integer dot products, float32 accumulation across blocks.
+  Q8 = 1,
+};
+
+struct QMatmulArgs {
+  const float* x;
+  const uint32_t* w;
+  const float* scales;
+  const float* biases;
+  float* y;
+  int M;
+  int N;
+  int K;
+  int group_size;
+  int bits;
+};
+
+// Whether `mode` has a fast path for these parameters; when it does not,
+// qmatmul silently uses the exact path.
+bool q8_supported(int K, int group_size, int bits);
+
+void qmatmul(const QMatmulArgs& a, Mode mode);
+
+// out: N x K float32
+void dequantize_rows(
+    const uint32_t* w,
+    const float* scales,
+    const float* biases,
+    float* out,
+    int N,
+    int K,
+    int group_size,
+    int bits);
+
+// "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime.
+const char* isa();
+
+} // namespace mlx_llama

@@ -1,0 +1,241 @@
+#include "qmm.h"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/utils.h"
+
+namespace mlx_llama {
+
+namespace {
+
+void check_params(int group_size, int bits) {
+  if (bits < 2 || bits > 8 || bits == 7) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.quantized_matmul] bits must be 2, 3, 4, 5, 6 or 8, got "
+        << bits;
+    throw std::invalid_argument(msg.str());
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.quantized_matmul] group_size must be 32, 64 or 128, got "
+        << group_size;
+    throw std::invalid_argument(msg.str());
+  }
+}
+
+// Validates shapes and returns (N, K).
+std::pair<int, int> check_weights(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits) {
+  check_params(group_size, bits);
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) {
+    throw std::invalid_argument(
+        "[mlx_llama.quantized_matmul] w must be a 2-D uint32 array");
+  }
+  const int N = w.shape(0);
+  const int64_t K64 = int64_t(w.shape(1)) * 32 / bits;
+  if ((int64_t(w.shape(1)) * 32) % bits != 0 || K64 % group_size != 0) {
+    throw std::invalid_argument(
+        "[mlx_llama.quantized_matmul] packed width does not match bits/group_size");
+  }
+  const int K = static_cast<int>(K64);
+  const mx::Shape sshape = {N, K / group_size};
+  if (scales.shape() != sshape || biases.shape() != sshape) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.quantized_matmul] scales and biases must have shape ("
+        << N << ", " << K / group_size << ") for w of shape (" << N << ", "
+        << w.shape(1) << "), bits=" << bits << ", group_size=" << group_size;
+    throw std::invalid_argument(msg.str());
+  }
+  if (!mx::issubdtype(scales.dtype(), mx::floating) ||
+      !mx::issubdtype(biases.dtype(), mx::floating)) {
+    throw std::invalid_argument(
+        "[mlx_llama.quantized_matmul] scales and biases must be floating point");
+  }
+  return {N, K};
+}
+
+mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
+  mx::array b = a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s);
+  return mx::contiguous(b, false, s);
+}
+
+void alloc_out(mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+void require_contiguous(const std::vector<mx::array>& inputs) {
+  for (auto& in : inputs) {
+    if (!in.flags().row_contiguous) {
+      throw std::runtime_error(
+          "[mlx_llama.quantized_matmul] internal error: non-contiguous input");
+    }
+  }
+}
+
+} // namespace
+
+mx::array quantized_matmul(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    Mode mode,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  if (s.device.type != mx::Device::cpu) {
+    throw std::invalid_argument(
+        "[mlx_llama.quantized_matmul] only CPU streams are supported; use "
+        "mx.quantized_matmul on the GPU");
+  }
+  auto [N, K] = check_weights(w, scales, biases, group_size, bits);
+  if (x.ndim() < 1 || x.shape(-1) != K) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.quantized_matmul] x's last dimension must be " << K
+        << " (w has shape (" << N << ", " << w.shape(1) << ") at " << bits
+        << " bits)";
+    throw std::invalid_argument(msg.str());
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument(
+        "[mlx_llama.quantized_matmul] x must be floating point");
+  }
+  const mx::Dtype out_dtype = x.dtype();
+  auto xf = as_f32_contiguous(x, s);
+  auto wc = mx::contiguous(w, false, s);
+  auto sf = as_f32_contiguous(scales, s);
+  auto bf = as_f32_contiguous(biases, s);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = N;
+  auto out = mx::array(
+      out_shape,
+      mx::float32,
+      std::make_shared<QuantizedMatmulCPU>(s, group_size, bits, mode),
+      {xf, wc, sf, bf});
+  if (out_dtype != mx::float32) {
+    out = mx::astype(out, out_dtype, s);
+  }
+  return out;
+}
+
+std::vector<mx::Shape> QuantizedMatmulCPU::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  mx::Shape out_shape = inputs[0].shape();
+  out_shape.back() = inputs[1].shape(0);
+  return {out_shape};
+}
+
+void QuantizedMatmulCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  require_contiguous(inputs);
+  auto& x = inputs[0];
+  auto& w = inputs[1];
+  auto& scales = inputs[2];
+  auto& biases = inputs[3];
+  auto& out = outputs[0];
+  alloc_out(out);
+
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(x);
+  enc.set_input_array(w);
+  enc.set_input_array(scales);
+  enc.set_input_array(biases);
+  enc.set_output_array(out);
+
+  const int K = x.shape(-1);
+  const int M = static_cast<int>(K > 0 ? x.size() / K : 0);
+  const int N = w.shape(0);
+  QMatmulArgs args{
+      x.data<float>(),
+      w.data<uint32_t>(),
+      scales.data<float>(),
+      biases.data<float>(),
+      out.data<float>(),
+      M,
+      N,
+      K,
+      group_size_,
+      bits_};
+  enc.dispatch([args, mode = mode_]() { qmatmul(args, mode); });
+}
+
+void QuantizedMatmulCPU::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[mlx_llama.quantized_matmul] has no GPU implementation; use "
+      "mx.quantized_matmul on GPU streams");
+}
+
+bool QuantizedMatmulCPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const QuantizedMatmulCPU*>(&other);
+  return o && o->group_size_ == group_size_ && o->bits_ == bits_ &&
+      o->mode_ == mode_;
+}
+
+mx::array dequantize(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  if (s.device.type != mx::Device::cpu) {
+    throw std::invalid_argument(
+        "[mlx_llama.dequantize] only CPU streams are supported");
+  }
+  auto [N, K] = check_weights(w, scales, biases, group_size, bits);
+  return mx::array(
+      {N, K},
+      mx::float32,
+      std::make_shared<DequantizeCPU>(s, group_size, bits),
+      {mx::contiguous(w, false, s),
+       as_f32_contiguous(scales, s),
+       as_f32_contiguous(biases, s)});
+}
+
+void DequantizeCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  require_contiguous(inputs);
+  auto& w = inputs[0];
+  auto& scales = inputs[1];
+  auto& biases = inputs[2];
+  auto& out = outputs[0];
+  alloc_out(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(w);
+  enc.set_input_array(scales);
+  enc.set_input_array(biases);
+  enc.set_output_array(out);
+  enc.dispatch([wp = w.data<uint32_t>(),
+                sp = scales.data<float>(),
+                bp = biases.data<float>(),
+                op = out.data<float>(),
+                N = out.shape(0),
+                K = out.shape(1),
+                g = group_size_,
+                b = bits_]() { dequantize_rows(wp, sp, bp, op, N, K, g, b); });
+}
+
+void DequantizeCPU::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error("[mlx_llama.dequantize] has no GPU implementation");
+}
+
+bool DequantizeCPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const DequantizeCPU*>(&other);
+  return o && o->group_size_ == group_size_ && o->bits_ == bits_;
+}
+
+} // namespace mlx_llama

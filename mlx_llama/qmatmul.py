@@ -1,0 +1,147 @@
+"""Quantized matmul for MLX's affine 2-8 bit format, with fast CPU kernels.
+
+`quantized_matmul(x, w, scales, biases, group_size=, bits=)` computes
+``x @ dequantize(w, scales, biases).T`` — the same as
+``mx.quantized_matmul(..., transpose=True)`` — using the C++ extension
+`mlx_llama._qmm_ext` on CPU streams (multi-threaded AVX2 kernels with a scalar
+fallback), and `mx.quantized_matmul` everywhere else (GPU, or when the
+extension is missing: then a one-line warning is printed once).
+
+Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
+
+* ``q8`` (default): activations are quantized to int8 per block of 32 and
+  multiplied with integer dot products, like llama.cpp's Q8_0 activations.
+  For 2/4/8-bit weights with K a multiple of 32 (2/4/8 bits: of 128/64/32).
+  Relative error of an output vs the exact float32 result is about 0.5% of the
+  largest output (bounded in tests/test_qmatmul.py); other bit widths fall back
+  to ``exact``.
+* ``exact``: float32 activations and accumulation; agrees with
+  `mx.quantized_matmul` to ~1e-6 relative.
+* ``mlx``: always use `mx.quantized_matmul`.
+
+Large-M (prefill) calls go through the same kernels: with MLX 0.32.4's Linux
+wheel, `mx.matmul` runs on reference BLAS (~1.5 GFLOP/s here), so dequantize +
+sgemm loses by two orders of magnitude. ``MLX_LLAMA_QMM_DEQUANT_M=<rows>``
+switches calls with at least that many rows to dequantize + `mx.matmul`, for
+use when MLX's matmul is backed by a fast BLAS (see benchmarks/kernel_gemv.py
+for the measurement).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+
+try:  # mlx.core is imported first: the extension links against libmlx.
+    from . import _qmm_ext as _ext
+
+    _import_error: str | None = None
+except ImportError as e:  # not built, or built against another MLX
+    _ext = None
+    _import_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+
+MODES = ("q8", "exact", "mlx")
+_warned = False
+
+
+def _env_mode() -> str:
+    mode = os.environ.get("MLX_LLAMA_QMM", "q8").strip().lower() or "q8"
+    if mode not in MODES:
+        raise ValueError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
+    return mode
+
+
+def _dequant_threshold() -> int | None:
+    v = os.environ.get("MLX_LLAMA_QMM_DEQUANT_M", "").strip()
+    return int(v) if v else None
+
+
+_mode = _env_mode()
+_dequant_m = _dequant_threshold()
+
+
+def _warn_missing() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(
+            f"mlx-llama: warning: CPU quantized-matmul kernels unavailable ({_import_error}); "
+            "using mx.quantized_matmul (slow on CPU)",
+            file=sys.stderr,
+        )
+
+
+def available() -> bool:
+    """Whether the C++ extension imported."""
+    return _ext is not None
+
+
+def set_mode(mode: str) -> None:
+    """Pick the kernel: 'q8', 'exact' or 'mlx' (see the module docstring)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+def num_threads() -> int:
+    return _ext.num_threads() if _ext is not None else 1
+
+
+def set_num_threads(n: int) -> None:
+    """Resize the kernels' thread pool (default: all cores, or $MLX_LLAMA_NUM_THREADS)."""
+    if _ext is not None:
+        _ext.set_num_threads(int(n))
+
+
+def backend_name() -> str:
+    """One line naming the quantized-matmul kernel in use on the CPU."""
+    if _ext is None:
+        return f"mx.quantized_matmul (mlx-llama kernels unavailable: {_import_error})"
+    if _mode == "mlx":
+        return "mx.quantized_matmul (MLX_LLAMA_QMM=mlx)"
+    kind = "int8 activations" if _mode == "q8" else "float32 exact"
+    return f"mlx-llama {_ext.isa()} kernels, {kind}, {_ext.num_threads()} threads"
+
+
+def _use_ext(x: mx.array) -> bool:
+    if _mode == "mlx":
+        return False
+    if mx.default_device() != mx.cpu:
+        return False
+    if _ext is None:
+        _warn_missing()
+        return False
+    return True
+
+
+def quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """``x @ dequantize(w, scales, biases, group_size, bits).T`` for any leading dims of x."""
+    if group_size in (32, 64, 128) and bits in (2, 3, 4, 5, 6, 8) and _use_ext(x):
+        if _dequant_m is not None and x.size // max(x.shape[-1], 1) >= _dequant_m:
+            wf = _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+            y = mx.matmul(x.astype(mx.float32), wf.T)
+            return y.astype(x.dtype)
+        return _ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=_mode)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int) -> mx.array:
+    """Dequantize to float32 (multi-threaded on the CPU)."""
+    if _use_ext(w) and group_size in (32, 64, 128):
+        return _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
