@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .check import TOLERANCES, compare
+from . import qmatmul
+from .check import Q8_TOLERANCE, TOLERANCES, compare
 from .errors import MlxLlamaError
 from .generate_command import _parse_ids
 from .loader import DTYPES, default_dtype, load_model
@@ -38,12 +39,15 @@ def _default_ids(vocab: int, bos: int | None, n: int = 24) -> list[int]:
               help="MLX compute dtype [default: float32 on CPU, bfloat16 on GPU].")
 @click.option("--reference-dtype", type=click.Choice(list(NUMPY_DTYPES)), default="float32", show_default=True,
               help="NumPy compute dtype (float64: a high-precision oracle).")
+@click.option("--qmm", type=click.Choice(qmatmul.MODES), default=None,
+              help="MLX quantized-matmul kernel to check [default: $MLX_LLAMA_QMM, else q8]. "
+                   f"q8 (int8 activations) is approximate: quantized models then get tolerance {Q8_TOLERANCE:g}.")
 @click.option("--tolerance", type=float, default=None,
               help="Relative tolerance for logits and hidden states "
                    f"[default by MLX dtype: {', '.join(f'{k} {v:g}' for k, v in TOLERANCES.items())}].")
 def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, tokens: int,
                   max_kv_size: int | None, keep: int, prefill_step_size: int, dtype: str | None,
-                  reference_dtype: str, tolerance: float | None) -> None:
+                  reference_dtype: str, qmm: str | None, tolerance: float | None) -> None:
     """Compare the MLX backend with the NumPy reference; exit 1 if they disagree beyond tolerance."""
     if prompt is not None and prompt_ids is not None:
         raise MlxLlamaError("give at most one of --prompt and --prompt-ids")
@@ -69,10 +73,20 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
         raise MlxLlamaError("the prompt is empty")
     if any(not 0 <= i < cfg.vocab_size for i in ids):
         raise MlxLlamaError(f"prompt ids must be in [0, {cfg.vocab_size})")
-    report = compare(mlx_model, numpy_model, ids, tokens=tokens, max_kv_size=max_kv_size, keep=keep,
-                     prefill_step_size=prefill_step_size,
-                     tolerance=tolerance if tolerance is not None else TOLERANCES[dtype])
-    click.echo(f"mlx ({dtype}) vs numpy ({reference_dtype}) on {model_path}")
+    mode = qmm or qmatmul.get_mode()
+    if tolerance is None:
+        tolerance = TOLERANCES[dtype]
+        if cfg.quantization and mode == "q8":
+            tolerance = max(tolerance, Q8_TOLERANCE)
+    previous = qmatmul.get_mode()
+    qmatmul.set_mode(mode)
+    kernel = f", quantized matmul: {qmatmul.backend_name()}" if cfg.quantization else ""
+    try:
+        report = compare(mlx_model, numpy_model, ids, tokens=tokens, max_kv_size=max_kv_size, keep=keep,
+                         prefill_step_size=prefill_step_size, tolerance=tolerance)
+    finally:
+        qmatmul.set_mode(previous)
+    click.echo(f"mlx ({dtype}{kernel}) vs numpy ({reference_dtype}) on {model_path}")
     for line in report.lines():
         click.echo(line)
     if not report.passed:

@@ -23,6 +23,17 @@ REL_TOL = 1e-4  # float32, relative to the largest |logit| at each position
 PROMPT = np.random.default_rng(1).integers(0, 256, 23).tolist()
 
 
+@pytest.fixture(autouse=True)
+def exact_quantized_matmul() -> Any:
+    """MLX's default CPU quantized matmul ("q8") quantizes activations; these bounds are for the exact kernel."""
+    from mlx_llama import qmatmul
+
+    previous = qmatmul.get_mode()
+    qmatmul.set_mode("exact")
+    yield
+    qmatmul.set_mode(previous)
+
+
 def quantize_checkpoint(src: Path, dst: Path, bits: int, group_size: int,
                         overrides: dict[str, dict[str, int]] | None = None) -> Path:
     """An mlx-lm-style quantized copy of a float checkpoint, made with mx.quantize."""
@@ -148,6 +159,15 @@ def test_check_command_passes_on_healthy_models(models: dict[str, Path], name: s
         result = CliRunner().invoke(main, ["check", "-m", str(models[name]), "--tokens", "8", *extra])
         assert result.exit_code == 0, result.output
         assert "OK: the MLX and NumPy backends agree" in result.output
+
+
+@pytest.mark.parametrize("name", ["8bit-g64", "4bit-g32-untied"])
+def test_check_command_q8_kernel_within_its_tolerance(models: dict[str, Path], name: str) -> None:
+    from mlx_llama.check import Q8_TOLERANCE
+
+    result = CliRunner().invoke(main, ["check", "-m", str(models[name]), "--tokens", "8", "--qmm", "q8"])
+    assert result.exit_code == 0, result.output
+    assert f"tolerance {Q8_TOLERANCE:g} relative" in result.output
 
 
 @pytest.mark.parametrize("name", ["float-gqa-tied-llama3", "4bit-g32-untied"])
