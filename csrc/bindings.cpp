@@ -68,6 +68,22 @@ NB_MODULE(_qmm_ext, m) {
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
 
   m.def(
+      "read_probe",
+      [](mx::array a) {
+        if (a.dtype() != mx::float32) {
+          throw std::invalid_argument("read_probe expects float32");
+        }
+        a = mx::contiguous(a);
+        a.eval();
+        const float* p = a.data<float>();
+        const int64_t n = static_cast<int64_t>(a.size());
+        nb::gil_scoped_release nogil;
+        return mlx_llama::read_probe(p, n);
+      },
+      "a"_a,
+      "Sum an evaluated float32 array with all kernel threads (bandwidth probe).");
+
+  m.def(
       "num_threads",
       [] { return mlx_llama::ThreadPool::instance().size(); },
       "Threads the kernels use (including the caller).");

@@ -710,6 +710,52 @@ void dequantize_rows(
   });
 }
 
+#ifdef MLXL_X86
+TARGET_AVX2 float read_sum_avx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) {
+    s += p[i];
+  }
+  return s;
+}
+#endif
+
+float read_probe(const float* p, int64_t n) {
+  auto& pool = ThreadPool::instance();
+  const int nt = pool.size();
+  std::vector<float> part(nt, 0.f);
+  const int64_t chunk = (n + nt - 1) / nt;
+  pool.parallel_for(nt, [&](int t, int) {
+    const int64_t lo = std::min<int64_t>(n, t * chunk);
+    const int64_t hi = std::min<int64_t>(n, lo + chunk);
+    float s = 0.f;
+#ifdef MLXL_X86
+    if (cpu_has_avx2()) {
+      s = read_sum_avx2(p + lo, hi - lo);
+    } else
+#endif
+    {
+      for (int64_t i = lo; i < hi; ++i) {
+        s += p[i];
+      }
+    }
+    part[t] = s;
+  });
+  float s = 0.f;
+  for (float v : part) {
+    s += v;
+  }
+  return s;
+}
+
 const char* isa() {
 #ifdef MLXL_X86
   return cpu_has_avx2() ? "avx2" : "scalar";

@@ -51,6 +51,10 @@ void dequantize_rows(
     int group_size,
     int bits);
 
+// Sum of n floats read with all pool threads (a memory-read bandwidth probe
+// for the benchmarks; the result only defeats dead-code elimination).
+float read_probe(const float* p, int64_t n);
+
 // "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime.
 const char* isa();
 

@@ -47,7 +47,7 @@ void ThreadPool::start(int n) {
   stop_.store(false);
   // Workers start from the current generation: one that starts late must
   // not skip a job published in between.
-  const uint64_t gen = generation_.load();
+  const uint32_t gen = static_cast<uint32_t>(state_.load() >> 32);
   for (int i = 1; i < n; ++i) {
     workers_.emplace_back([this, i, gen] { worker_loop(i, gen); });
   }
@@ -89,12 +89,20 @@ void ThreadPool::run_tasks(int thread_id) {
   }
 }
 
-void ThreadPool::worker_loop(int id, uint64_t seen) {
+namespace {
+constexpr uint64_t kClosed = uint64_t(1) << 31;
+constexpr uint64_t kActiveMask = kClosed - 1;
+inline uint32_t gen_of(uint64_t s) {
+  return static_cast<uint32_t>(s >> 32);
+}
+} // namespace
+
+void ThreadPool::worker_loop(int id, uint32_t seen) {
   for (;;) {
     // Spin for a while, then sleep.
     auto t0 = std::chrono::steady_clock::now();
     int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen &&
+    while (gen_of(state_.load(std::memory_order_acquire)) == seen &&
            !stop_.load(std::memory_order_relaxed)) {
       CPU_RELAX();
       if (++spins % 64 == 0) {
@@ -105,7 +113,7 @@ void ThreadPool::worker_loop(int id, uint64_t seen) {
           std::unique_lock<std::mutex> lk(mu_);
           sleepers_.fetch_add(1);
           cv_.wait(lk, [&] {
-            return generation_.load(std::memory_order_acquire) != seen ||
+            return gen_of(state_.load(std::memory_order_acquire)) != seen ||
                 stop_.load();
           });
           sleepers_.fetch_sub(1);
@@ -116,9 +124,21 @@ void ThreadPool::worker_loop(int id, uint64_t seen) {
     if (stop_.load()) {
       return;
     }
-    seen = generation_.load(std::memory_order_acquire);
-    run_tasks(id);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    // Join the job if it is still open.
+    uint64_t s = state_.load(std::memory_order_acquire);
+    seen = gen_of(s);
+    bool joined = false;
+    while (gen_of(s) == seen && !(s & kClosed)) {
+      if (state_.compare_exchange_weak(
+              s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        joined = true;
+        break;
+      }
+    }
+    if (joined) {
+      run_tasks(id);
+      state_.fetch_sub(1, std::memory_order_acq_rel);
+    }
   }
 }
 
@@ -137,21 +157,22 @@ void ThreadPool::parallel_for(int n_tasks, const Task& fn) {
   job_ = &fn;
   n_tasks_ = n_tasks;
   next_.store(0, std::memory_order_relaxed);
-  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
   bool wake;
   {
     // Publish under the lock: a worker either sees the new generation in its
     // wait predicate or is already counted in sleepers_ and gets notified.
     std::lock_guard<std::mutex> lk(mu_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
+    const uint32_t gen = gen_of(state_.load()) + 1;
+    state_.store(uint64_t(gen) << 32, std::memory_order_release);
     wake = sleepers_.load() > 0;
   }
   if (wake) {
     cv_.notify_all();
   }
   run_tasks(0);
-  // Wait for every worker to acknowledge this generation (so job_ stays valid).
-  while (pending_.load(std::memory_order_acquire) != 0) {
+  // Close the job, then wait for the workers that joined it.
+  state_.fetch_or(kClosed, std::memory_order_acq_rel);
+  while ((state_.load(std::memory_order_acquire) & kActiveMask) != 0) {
     CPU_RELAX();
   }
 }

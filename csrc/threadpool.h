@@ -47,16 +47,20 @@ class ThreadPool {
   explicit ThreadPool(int n);
   void start(int n);
   void stop();
-  void worker_loop(int id, uint64_t seen);
+  void worker_loop(int id, uint32_t seen);
   void run_tasks(int thread_id);
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::mutex call_mu_; // one parallel_for at a time
-  std::atomic<uint64_t> generation_{0};
+  // state_: generation (high 32 bits) | closed flag (bit 31) | number of
+  // workers inside the current job (low 31 bits). Workers join a job only
+  // while it is open, so the caller never waits for a worker that was not
+  // scheduled in time: it runs the remaining tasks itself, closes the job and
+  // waits only for the workers that joined.
+  std::atomic<uint64_t> state_{0};
   std::atomic<int> next_{0};
-  std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<int> spin_us_{200};
   std::atomic<bool> stop_{false};

@@ -1,0 +1,154 @@
+"""Benchmark the CPU quantized-matmul kernels (not a test).
+
+Prints, in one run:
+* the machine's read bandwidth: NumPy sum over a 1 GiB array split across threads,
+  and the extension's own AVX2 read loop over the same array (the larger is the
+  ceiling used for the ratios);
+* GEMV (M=1) time and GB/s (bytes of weights + scales + biases per call) for 4-
+  and 8-bit weights, group size 64, on 8192x2048 and 128256x2048 matrices:
+  our int8-activation kernel (q8), our float32 kernel (exact) and
+  mx.quantized_matmul; ratio to the read bandwidth and speed-up over MLX;
+* prefill (M=512, 8192x2048) GFLOP/s: our kernels vs dequantize + mx.matmul
+  (whatever BLAS mx.matmul runs on: mlx_llama routes it to OpenBLAS when
+  scipy-openblas32 is installed).
+
+    python benchmarks/kernel_gemv.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import numpy as np
+
+import mlx.core as mx
+import mlx_llama  # noqa: F401  (binds OpenBLAS under mx.matmul when available)
+from mlx_llama import qmatmul
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    """Best wall time of `reps` evaluated calls (seconds)."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def numpy_read_bw(a: np.ndarray, threads: int, reps: int = 5) -> float:
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    for _ in range(reps):
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def ext_read_bw(ext, a: mx.array, reps: int = 5) -> float:
+    ext.read_probe(a)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        ext.read_probe(a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 128256-row matrix for MLX")
+    ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    args = ap.parse_args()
+    mx.set_default_device(mx.cpu)
+
+    ext = qmatmul._ext
+    if ext is None:
+        raise SystemExit(f"extension not available: {qmatmul.backend_name()}")
+    if args.threads:
+        ext.set_num_threads(args.threads)
+    nthreads = ext.num_threads()
+    print(f"kernel: {qmatmul.backend_name()}")
+    try:
+        load = os.getloadavg()
+        print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    except OSError:
+        pass
+
+    # ---- read bandwidth
+    a_np = np.ones(2**28, dtype=np.float32)  # 1 GiB
+    bw_np = numpy_read_bw(a_np, nthreads)
+    del a_np
+    a_mx = mx.ones((2**28,), dtype=mx.float32)
+    mx.eval(a_mx)
+    bw_ext = ext_read_bw(ext, a_mx)
+    del a_mx
+    bw = max(bw_np, bw_ext)
+    print(f"read bandwidth, {nthreads} threads: numpy sum {bw_np:.1f} GB/s, AVX2 read loop {bw_ext:.1f} GB/s -> ceiling {bw:.1f} GB/s")
+
+    reps = 5 if args.quick else 20
+    print()
+    print(f"{'GEMV M=1':<28}{'kernel':<22}{'time ms':>9}{'GB/s':>8}{'% of bw':>9}{'vs mx':>8}")
+    for N, K in ((8192, 2048), (128256, 2048)):
+        W = (mx.random.normal((N, K)) * 0.02).astype(mx.float32)
+        mx.eval(W)
+        for bits in (4, 8):
+            w, s, b = mx.quantize(W, group_size=64, bits=bits)
+            mx.eval(w, s, b)
+            nbytes = w.nbytes + s.nbytes + b.nbytes
+            x = mx.random.normal((1, K))
+            mx.eval(x)
+            big = N > 10000
+            t_mx = timeit(
+                lambda: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits),
+                1 if big else (2 if args.quick else 3),
+            )
+            rows = [("mx.quantized_matmul", t_mx)]
+            for mode in ("q8", "exact"):
+                t = timeit(lambda: ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode), reps)
+                rows.append((f"ours ({mode})", t))
+            for name, t in rows:
+                gbs = nbytes / t / 1e9
+                print(
+                    f"{f'{N}x{K} {bits}-bit':<28}{name:<22}{t * 1e3:>9.3f}{gbs:>8.1f}{100 * gbs / bw:>8.0f}%"
+                    f"{t_mx / t:>7.1f}x"
+                )
+        del W
+
+    print()
+    M, N, K = 512, 8192, 2048
+    flops = 2 * M * N * K
+    print(f"{'prefill M=512, 8192x2048':<28}{'kernel':<30}{'time ms':>9}{'GFLOP/s':>9}")
+    W = mx.random.normal((N, K)) * 0.02
+    x = mx.random.normal((M, K))
+    mx.eval(W, x)
+    for bits in (4, 8):
+        w, s, b = mx.quantize(W, group_size=64, bits=bits)
+        mx.eval(w, s, b)
+        rows = []
+        for mode in ("q8", "exact"):
+            r = 3 if mode == "q8" else 1
+            rows.append((f"ours ({mode})", timeit(lambda: ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode), r)))
+        rows.append(("ours dequantize + mx.matmul", timeit(lambda: x @ ext.dequantize(w, s, b, group_size=64, bits=bits).T, 3)))
+        rows.append(("mx.dequantize + mx.matmul", timeit(lambda: x @ mx.dequantize(w, s, b, group_size=64, bits=bits).T, 3)))
+        wf = mx.dequantize(w, s, b, group_size=64, bits=bits)
+        mx.eval(wf)
+        rows.append(("mx.matmul only (float W)", timeit(lambda: x @ wf.T, 3)))
+        if not args.quick:
+            rows.append(("mx.quantized_matmul", timeit(lambda: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits), 1, 0)))
+        for name, t in rows:
+            print(f"{f'{bits}-bit':<28}{name:<30}{t * 1e3:>9.1f}{flops / t / 1e9:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
