@@ -58,8 +58,7 @@ def _dequant_threshold() -> int | None:
     return int(v) if v else None
 
 
-_mode = _env_mode()
-_dequant_m = _dequant_threshold()
+_mode_override: str | None = None  # set_mode(); else $MLX_LLAMA_QMM, read at each call
 
 
 def _warn_missing() -> None:
@@ -78,16 +77,16 @@ def available() -> bool:
     return _ext is not None
 
 
-def set_mode(mode: str) -> None:
-    """Pick the kernel: 'q8', 'exact' or 'mlx' (see the module docstring)."""
-    global _mode
-    if mode not in MODES:
+def set_mode(mode: str | None) -> None:
+    """Pick the kernel: 'q8', 'exact' or 'mlx' (see the module docstring); None: $MLX_LLAMA_QMM again."""
+    global _mode_override
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
-    _mode = mode
+    _mode_override = mode
 
 
 def get_mode() -> str:
-    return _mode
+    return _mode_override or _env_mode()
 
 
 def num_threads() -> int:
@@ -104,14 +103,15 @@ def backend_name() -> str:
     """One line naming the quantized-matmul kernel in use on the CPU."""
     if _ext is None:
         return f"mx.quantized_matmul (mlx-llama kernels unavailable: {_import_error})"
-    if _mode == "mlx":
+    mode = get_mode()
+    if mode == "mlx":
         return "mx.quantized_matmul (MLX_LLAMA_QMM=mlx)"
-    kind = "int8 activations" if _mode == "q8" else "float32 exact"
+    kind = "int8 activations" if mode == "q8" else "float32 exact"
     return f"mlx-llama {_ext.isa()} kernels, {kind}, {_ext.num_threads()} threads"
 
 
-def _use_ext(x: mx.array) -> bool:
-    if _mode == "mlx":
+def _use_ext(mode: str) -> bool:
+    if mode == "mlx":
         return False
     if mx.default_device() != mx.cpu:
         return False
@@ -131,17 +131,19 @@ def quantized_matmul(
     bits: int,
 ) -> mx.array:
     """``x @ dequantize(w, scales, biases, group_size, bits).T`` for any leading dims of x."""
-    if group_size in (32, 64, 128) and bits in (2, 3, 4, 5, 6, 8) and _use_ext(x):
-        if _dequant_m is not None and x.size // max(x.shape[-1], 1) >= _dequant_m:
+    mode = get_mode()
+    if group_size in (32, 64, 128) and bits in (2, 3, 4, 5, 6, 8) and _use_ext(mode):
+        dequant_m = _dequant_threshold()
+        if dequant_m is not None and x.size // max(x.shape[-1], 1) >= dequant_m:
             wf = _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
             y = mx.matmul(x.astype(mx.float32), wf.T)
             return y.astype(x.dtype)
-        return _ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=_mode)
+        return _ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=mode)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int) -> mx.array:
     """Dequantize to float32 (multi-threaded on the CPU)."""
-    if _use_ext(w) and group_size in (32, 64, 128):
+    if _use_ext(get_mode()) and group_size in (32, 64, 128):
         return _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)

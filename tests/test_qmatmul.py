@@ -243,7 +243,7 @@ def test_greedy_tokens_match_mlx(make_checkpoint, tmp_path, bits):
     assert isinstance(layer.mlp.down_proj, QuantizedLinear)
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     prompts = ([1, 17, 33, 5, 200], [1, 99], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
-    saved = qmatmul.get_mode()
+    saved = qmatmul._mode_override
     try:
         qmatmul.set_mode("mlx")
         want = [_greedy(model, p, 12) for p in prompts]
@@ -258,3 +258,19 @@ def test_greedy_tokens_match_mlx(make_checkpoint, tmp_path, bits):
             assert float(mx.abs(logits - ref_logits).max()) <= tol * scale, mode
     finally:
         qmatmul.set_mode(saved)
+
+
+def test_mode_from_environment_at_call_time(monkeypatch):
+    rng = np.random.default_rng(9)
+    x, w, s, b = make_case(rng, 2, 16, 128, 4, 64)
+    ref = np.array(mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
+    monkeypatch.setattr(qmatmul, "_mode_override", None)
+    monkeypatch.setenv("MLX_LLAMA_QMM", "mlx")
+    np.testing.assert_array_equal(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), ref)
+    monkeypatch.setenv("MLX_LLAMA_QMM", "exact")
+    exact = np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=4, mode="exact"))
+    np.testing.assert_array_equal(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), exact)
+    assert "float32 exact" in qmatmul.backend_name()
+    monkeypatch.setenv("MLX_LLAMA_QMM", "bogus")
+    with pytest.raises(ValueError):
+        qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)
