@@ -274,3 +274,28 @@ def test_mode_from_environment_at_call_time(monkeypatch):
     monkeypatch.setenv("MLX_LLAMA_QMM", "bogus")
     with pytest.raises(ValueError):
         qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)
+
+
+def test_scalar_fallback_in_subprocess():
+    """MLX_LLAMA_FORCE_SCALAR=1 takes the path a CPU without AVX2 takes: same exact results."""
+    import subprocess
+    import sys
+
+    code = r"""
+import numpy as np, mlx.core as mx
+from mlx_llama import _qmm_ext as ext
+assert ext.isa() == "scalar", ext.isa()
+rng = np.random.default_rng(0)
+for bits in (3, 4, 8):
+    x = mx.array(rng.standard_normal((3, 256)).astype(np.float32))
+    w, s, b = mx.quantize(mx.array(rng.standard_normal((21, 256)).astype(np.float32)), group_size=64, bits=bits)
+    assert not ext.q8_supported(256, 64, bits)
+    for mode in ("q8", "exact"):
+        y = np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode))
+        ref = np.array(x, dtype=np.float64) @ np.array(mx.dequantize(w, s, b, group_size=64, bits=bits), dtype=np.float64).T
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (bits, mode)
+print("ok")
+"""
+    env = {**__import__("os").environ, "MLX_LLAMA_FORCE_SCALAR": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
