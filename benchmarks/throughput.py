@@ -8,7 +8,7 @@ memory).  Also measured: the machine's read bandwidth (→ the decode ceiling,
 bandwidth ÷ weight bytes per token) and, for the quantized-matmul engineer,
 `mx.quantized_matmul` vs dequantize-to-float32-then-BLAS at prefill shapes.
 
-    python benchmarks/throughput.py                    # llama-3.2-1b, p128 g64, default peers
+    python benchmarks/throughput.py                    # llama-3.2-1b, p128 g32, default peers
     python benchmarks/throughput.py --preset llama-3.2-3b --peers mlx-llama-q4,llamacpp-q4_0
     python benchmarks/throughput.py --ablations        # + float32/bf16, OpenBLAS off, async off
 
@@ -45,9 +45,9 @@ PEERS: dict[str, dict[str, Any]] = {
                            note="mlx-lm, float32 compute + OpenBLAS"),
     "mlx-lm-best-float": dict(engine="mlx-lm", weights="hf", float32=True, openblas=True,
                               note="mlx-lm, float32 compute + OpenBLAS"),
-    "mlx-lm-default-q4": dict(engine="mlx-lm", weights="q4", float32=False, openblas=False, budget=90,
+    "mlx-lm-default-q4": dict(engine="mlx-lm", weights="q4", float32=False, openblas=False, budget=45,
                               note="mlx-lm defaults (bf16 compute, reference BLAS)"),
-    "mlx-lm-default-float": dict(engine="mlx-lm", weights="hf", float32=False, openblas=False, budget=90,
+    "mlx-lm-default-float": dict(engine="mlx-lm", weights="hf", float32=False, openblas=False, budget=45,
                                  note="mlx-lm defaults (bf16 compute, reference BLAS)"),
     "llamacpp-q4_0": dict(engine="llama.cpp", weights="gguf-q4_0", note="llama-cpp-python, Q4_0"),
     "llamacpp-q8_0": dict(engine="llama.cpp", weights="gguf-q8_0", note="llama-cpp-python, Q8_0"),
@@ -392,6 +392,17 @@ def worker(spec: dict[str, Any]) -> None:
         rss_now, rss_peak = rss_bytes()
         emit(event="rep", rep=rep, ttft=times[0] - t0, n_tokens=len(times),
              decode_s=times[-1] - times[0], peak_memory_bytes=peak(), rss_bytes=rss_now, rss_peak_bytes=rss_peak)
+    if engine == "mlx-llama":
+        # Python cost of one decode step: build the lazy graph for a token without evaluating it
+        # (the most that mx.compile or a leaner loop could save per token).
+        cache = model.make_cache()
+        mx.eval(model(mx.array([prompts[0][:8]]), cache, last_only=True))
+        tok = mx.array([[1]])
+        t = time.perf_counter()
+        outs = [model(tok, cache, last_only=True) for _ in range(16)]
+        build = (time.perf_counter() - t) / 16
+        mx.eval(outs)
+        emit(event="overhead", graph_build_ms=build * 1e3)
     emit(event="done")
 
 
@@ -452,7 +463,7 @@ def run_peer(name: str, spec: dict[str, Any], budget: float, load_budget: float 
     """
     env = dict(os.environ)
     t = str(spec.get("threads", 2))
-    env.update(OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t, MLX_LLAMA_THREADS=t, PYTHONUNBUFFERED="1",
+    env.update(OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t, MLX_LLAMA_NUM_THREADS=t, PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(Path(__file__)), "--_worker", json.dumps(spec)]
     log(f"running {name} (budget {budget:.0f} s)")
@@ -485,6 +496,7 @@ def run_peer(name: str, spec: dict[str, Any], budget: float, load_budget: float 
         proc.kill()
     proc.wait()
     th.join(5)
+    spec = {**spec, "budget_s": budget}
     out: dict[str, Any] = {"name": name, "spec": spec, "wall_s": time.perf_counter() - t0, "timed_out": timed_out,
                            "returncode": proc.returncode, "events": events}
     if proc.returncode not in (0, None) and not timed_out:
@@ -514,6 +526,10 @@ def summarize(raw: dict[str, Any], n_prompt: int, n_gen: int) -> dict[str, Any]:
             s["partial_tokens"] = toks[-1]["n"]
         if raw["timed_out"]:
             s["status"] = "partial" if (ttfts or tgs) else "timeout"
+            if not ttfts:
+                # Not even the first token within the budget: prefill is slower than this.
+                budget = raw["spec"].get("budget_s", 0)
+                s["pp_upper_bound_tps"] = n_prompt / budget if budget else None
     elif raw["timed_out"]:
         s["status"] = f"partial ({len(reps)} reps)"
 
@@ -532,6 +548,7 @@ def summarize(raw: dict[str, Any], n_prompt: int, n_gen: int) -> dict[str, Any]:
     s["bandwidth_gbs"] = bpt * s["tg_tps"]["mean"] / 1e9 if bpt and s["tg_tps"] else None
     s["peak_memory_bytes"] = max((e["peak_memory_bytes"] for e in reps), default=None)
     s["rss_peak_bytes"] = max((e["rss_peak_bytes"] for e in reps), default=None)
+    s["graph_build_ms"] = next((e["graph_build_ms"] for e in ev if e["event"] == "overhead"), None)
     return s
 
 
@@ -604,9 +621,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Peers that did not finish", ""]
         for p in errors:
             msg = p.get("error", "").strip().splitlines()[-1:] or [""]
+            bound = p.get("pp_upper_bound_tps")
             lines.append(f"- {p['name']}: {p['status']} after {p['wall_s']:.0f} s"
+                         f"{f' (no first token: prefill < {bound:.2f} tok/s)' if bound else ''}"
                          f"{' (partial: ' + str(p['partial_tokens']) + ' tokens decoded)' if p.get('partial_tokens') else ''}"
                          f"{': ' + msg[0] if msg[0] else ''}")
+    over = [(p["name"], p["graph_build_ms"], p["tg_tps"]["mean"]) for p in result["peers"]
+            if p.get("graph_build_ms") and p.get("tg_tps")]
+    if over:
+        lines += ["", "## Per-token Python overhead (building one decode step's lazy graph, not evaluated)", ""]
+        for name, ms_, tg in over:
+            lines.append(f"- {name}: {ms_:.2f} ms of {1e3 / tg:.1f} ms per token ({100 * ms_ * tg / 1e3:.1f}%)")
     for note in result.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", "Environment:", ""]
@@ -656,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.2-1b", help="llama-3.2-1b (default), llama-3.2-3b, llama-3-8b, tiny")
     ap.add_argument("-p", "--n-prompt", type=int, default=128)
-    ap.add_argument("-g", "--n-gen", type=int, default=64)
+    ap.add_argument("-g", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=2)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
@@ -664,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", action="store_true", help="also run the ablation peers")
     ap.add_argument("--no-kernels", action="store_true", help="skip the quantized-matmul microbenchmark")
     ap.add_argument("--kernel-m", default="1,128,512", help="row counts (tokens) for the kernel microbenchmark")
-    ap.add_argument("--budget", type=float, default=240, help="seconds per peer before it is stopped")
+    ap.add_argument("--budget", type=float, default=120,
+                    help="seconds per peer (after loading) before it is stopped and reported partial")
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=0)

@@ -59,8 +59,9 @@ def weight_bytes(model: Any) -> dict[str, int]:
 
 def count_params(model: Any) -> int:
     """Logical parameter count (quantized matrices counted unpacked, scales not counted)."""
+    # Any quantized layer (mlx's or our own) carries `bits` and packed `weight` + `scales`.
     bits = {name: mod.bits for name, mod in model.named_modules()
-            if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+            if isinstance(getattr(mod, "bits", None), int) and "scales" in mod}
     n = 0
     for name, v in nn.utils.tree_flatten(model.parameters()):
         owner, _, leaf = name.rpartition(".")
