@@ -192,6 +192,104 @@ TARGET_AVX2 void unpack_group_avx2(
 }
 #endif
 
+#ifdef MLXL_X86
+// dot(x[0:g], q[k0:k0+g]) with q unpacked on the fly (bits 2/4/8, g % 32 == 0).
+template <int BITS>
+TARGET_AVX2 inline __m256 fused_group_dot(
+    const uint8_t* row,
+    int k0,
+    int g,
+    const float* x) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  if constexpr (BITS == 4) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row) + k0 / 8;
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    for (int i = 0; i < g; i += 16) {
+      __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_set1_epi32(w[i / 8]), sh), mask));
+      __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_set1_epi32(w[i / 8 + 1]), sh), mask));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), q0, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), q1, a1);
+    }
+  } else if constexpr (BITS == 8) {
+    const uint8_t* w = row + k0;
+    for (int i = 0; i < g; i += 16) {
+      __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i))));
+      __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i + 8))));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), q0, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), q1, a1);
+    }
+  } else {
+    static_assert(BITS == 2, "bits");
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row) + k0 / 16;
+    const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    const __m256i mask = _mm256_set1_epi32(0x3);
+    for (int i = 0; i < g; i += 16) {
+      const __m256i word = _mm256_set1_epi32(w[i / 16]);
+      __m256 q0 = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srlv_epi32(word, sh0), mask));
+      __m256 q1 = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srlv_epi32(word, sh1), mask));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), q0, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), q1, a1);
+    }
+  }
+  return _mm256_add_ps(a0, a1);
+}
+
+// One output y[m, n] for few-row x: lane-wise sum_g s_g * dot_g, one
+// horizontal sum at the end, plus the bias term.
+template <int BITS>
+TARGET_AVX2 float fused_row_dot(
+    const uint8_t* row,
+    const float* s,
+    const float* b,
+    const float* x,
+    const float* xsum,
+    int ng,
+    int g) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int gi = 0; gi < ng; ++gi) {
+    acc = _mm256_fmadd_ps(
+        _mm256_broadcast_ss(s + gi),
+        fused_group_dot<BITS>(row, gi * g, g, x + gi * g),
+        acc);
+  }
+  __m256 bacc = _mm256_setzero_ps();
+  int gi = 0;
+  for (; gi + 8 <= ng; gi += 8) {
+    bacc = _mm256_fmadd_ps(
+        _mm256_loadu_ps(b + gi), _mm256_loadu_ps(xsum + gi), bacc);
+  }
+  float r = hsum256(acc) + hsum256(bacc);
+  for (; gi < ng; ++gi) {
+    r += b[gi] * xsum[gi];
+  }
+  return r;
+}
+
+using FusedDot =
+    float (*)(const uint8_t*, const float*, const float*, const float*, const float*, int, int);
+
+FusedDot fused_dot_for(int bits) {
+  switch (bits) {
+    case 2:
+      return fused_row_dot<2>;
+    case 4:
+      return fused_row_dot<4>;
+    case 8:
+      return fused_row_dot<8>;
+    default:
+      return nullptr;
+  }
+}
+#endif
+
 struct ExactCtx {
   const QMatmulArgs* a;
   const float* xsum; // M x (K / g)
@@ -206,6 +304,30 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
   const int g = a.group_size;
   std::vector<float> buf(g);
   std::vector<float> acc(a.M);
+#ifdef MLXL_X86
+  // Few rows of x: unpack on the fly (no round trip through buf).
+  const FusedDot fused =
+      (c.avx2 && g % 32 == 0 && a.M <= 4) ? fused_dot_for(a.bits) : nullptr;
+  if (fused) {
+    for (int n = n0; n < n1; ++n) {
+      const uint8_t* row =
+          reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
+      const float* s = a.scales + int64_t(n) * c.n_groups;
+      const float* b = a.biases + int64_t(n) * c.n_groups;
+      for (int m = 0; m < a.M; ++m) {
+        a.y[int64_t(m) * a.N + n] = fused(
+            row,
+            s,
+            b,
+            a.x + int64_t(m) * a.K,
+            c.xsum + int64_t(m) * c.n_groups,
+            c.n_groups,
+            g);
+      }
+    }
+    return;
+  }
+#endif
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row =
         reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
