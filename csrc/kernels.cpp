@@ -475,11 +475,12 @@ void quantize_row(
 }
 
 // Weight scale per lane for chunk ch. RK = E / g when E > g, else 1.
+// cpg_shift = log2(g / E) when E <= g (group sizes and E are powers of two;
+// no integer division in the inner loop).
 template <int RK>
-TARGET_AVX2 inline __m256
-lane_scales(const float* s, int ch, int E, int g) {
+TARGET_AVX2 inline __m256 lane_scales(const float* s, int ch, int cpg_shift) {
   if constexpr (RK == 1) {
-    return _mm256_broadcast_ss(s + (int64_t(ch) * E) / g);
+    return _mm256_broadcast_ss(s + (ch >> cpg_shift));
   } else if constexpr (RK == 2) {
     __m128 v = _mm_castpd_ps(
         _mm_load_sd(reinterpret_cast<const double*>(s + ch * 2)));
@@ -541,8 +542,8 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
   const QMatmulArgs& a = *c.a;
-  const int g = a.group_size;
   const int ng = c.n_groups;
+  const int cpg_shift = RK == 1 ? __builtin_ctz(a.group_size / E) : 0;
   const uint8_t* wr[R];
   const float* sr[R];
   for (int r = 0; r < R; ++r) {
@@ -565,11 +566,12 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (int ch = 0; ch < c.n_chunks; ++ch) {
+  const int n_chunks = c.n_chunks; // local: keeps acc[][] in registers
+  for (int ch = 0; ch < n_chunks; ++ch) {
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
-      const __m256 wsv = lane_scales<RK>(sr[r], ch, E, g);
+      const __m256 wsv = lane_scales<RK>(sr[r], ch, cpg_shift);
       if constexpr (BITS == 8) {
         const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
         const __m256i qa = _mm256_sign_epi8(qs, qs); // |q - 128|
