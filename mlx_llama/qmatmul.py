@@ -12,19 +12,23 @@ Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
 * ``q8`` (default): activations are quantized to int8 per block of 32 and
   multiplied with integer dot products, like llama.cpp's Q8_0 activations.
   For 2/4/8-bit weights with K a multiple of 32 (2/4/8 bits: of 128/64/32).
-  Relative error of an output vs the exact float32 result is about 0.5% of the
-  largest output (bounded in tests/test_qmatmul.py); other bit widths fall back
-  to ``exact``.
+  Error of an output vs the exact float32 result: about 0.5% of the largest
+  output (tests/test_qmatmul.py bounds it at 1.5%). Other bit widths, and 8-bit
+  GEMV (M <= 4: memory-bound, the float path is as fast), use ``exact``.
 * ``exact``: float32 activations and accumulation; agrees with
   `mx.quantized_matmul` to ~1e-6 relative.
 * ``mlx``: always use `mx.quantized_matmul`.
 
-Large-M (prefill) calls go through the same kernels: with MLX 0.32.4's Linux
-wheel, `mx.matmul` runs on reference BLAS (~1.5 GFLOP/s here), so dequantize +
-sgemm loses by two orders of magnitude. ``MLX_LLAMA_QMM_DEQUANT_M=<rows>``
-switches calls with at least that many rows to dequantize + `mx.matmul`, for
-use when MLX's matmul is backed by a fast BLAS (see benchmarks/kernel_gemv.py
-for the measurement).
+The variable is read at each call; `set_mode()` overrides it.
+
+Prefill (large M) uses the same kernels. Measured on the 2-core dev box for
+M=512 on 8192x2048 (benchmarks/kernel_gemv.py): 4-bit q8 137 GFLOP/s vs 108 for
+our dequantize + `mx.matmul` on OpenBLAS (mlx_llama.blas); 8-bit 101 vs 105 (a
+tie), and MLX's reference BLAS (without mlx_llama.blas) is ~1.5 GFLOP/s. As
+dequantize + sgemm also needs a float32 copy of the weight per call (1 GB for
+a 128256x2048 lm_head), the kernel is used for every M by default;
+``MLX_LLAMA_QMM_DEQUANT_M=<rows>`` sends calls with at least that many rows of
+x to dequantize + `mx.matmul` instead.
 """
 
 from __future__ import annotations
