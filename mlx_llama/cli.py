@@ -28,28 +28,15 @@ def main() -> None:
     """Run LLaMA-3 models locally with MLX: convert, generate, chat, benchmark."""
 
 
-from .generate_command import generate_command  # noqa: E402
-
-main.add_command(generate_command)
-
-from .demo_command import demo_command  # noqa: E402
-
-main.add_command(demo_command)
-
-from .chat_command import chat_command  # noqa: E402
-
-main.add_command(chat_command)
-
-from .check_command import check_command  # noqa: E402
-
-main.add_command(check_command)
-
+# Each command lives in its own module; importing them here registers them.
 from .bench_command import bench_command  # noqa: E402
+from .chat_command import chat_command  # noqa: E402
+from .check_command import check_command  # noqa: E402
+from .convert.command import convert_command  # noqa: E402
+from .demo_command import demo_command  # noqa: E402
+from .generate_command import generate_command  # noqa: E402
 from .info_command import info_command  # noqa: E402
 
-main.add_command(bench_command)
-main.add_command(info_command)
-
-from .convert.command import convert_command  # noqa: E402
-
-main.add_command(convert_command)
+for _command in (convert_command, generate_command, chat_command, check_command, bench_command,
+                 info_command, demo_command):
+    main.add_command(_command)
