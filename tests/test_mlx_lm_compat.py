@@ -13,6 +13,9 @@ from mlx_lm import convert as mlx_lm_convert  # noqa: E402
 
 TOL = 1e-4  # float32 compute on both sides
 
+# The comparison is about loading and model code, so quantized matmuls run exactly.
+pytestmark = pytest.mark.usefixtures("exact_quantized_matmul")
+
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_mlx_lm_quantized_dir_matches_mlx_lm(make_checkpoint, tmp_path, bits):
