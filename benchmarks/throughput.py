@@ -61,6 +61,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                note="our runtime, 4-bit, async_eval lookahead off"),
     "ablate-float-no-async": dict(engine="mlx-llama", weights="hf", no_async=True,
                                   note="our runtime, float32, async_eval lookahead off"),
+    "ablate-float-no-gemv": dict(engine="mlx-llama", weights="hf", env={"MLX_LLAMA_BLAS_GEMV": "0"},
+                                 note="our runtime, float32, M=1 sgemm not forwarded to sgemv"),
+    "ablate-q4-no-gemv": dict(engine="mlx-llama", weights="q4", env={"MLX_LLAMA_BLAS_GEMV": "0"},
+                              note="our runtime, 4-bit, M=1 sgemm not forwarded to sgemv"),
 }
 DEFAULT_PEERS = list(PEERS)
 
@@ -465,6 +469,7 @@ def run_peer(name: str, spec: dict[str, Any], budget: float, load_budget: float 
     t = str(spec.get("threads", 2))
     env.update(OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t, MLX_LLAMA_NUM_THREADS=t, PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(spec.get("env", {}))
     cmd = [sys.executable, str(Path(__file__)), "--_worker", json.dumps(spec)]
     log(f"running {name} (budget {budget:.0f} s)")
     t0 = time.perf_counter()
@@ -600,7 +605,8 @@ def markdown(result: dict[str, Any]) -> str:
                  ("mlx-llama-q8", "mlx-lm-best-q8"), ("mlx-llama-float", "mlx-lm-best-float"),
                  ("mlx-llama-q4", "llamacpp-q4_0"), ("mlx-llama-q8", "llamacpp-q8_0"),
                  ("mlx-llama-float", "ablate-float-bf16"), ("mlx-llama-float", "ablate-float-refblas"),
-                 ("mlx-llama-q4", "ablate-q4-no-async"), ("mlx-llama-float", "ablate-float-no-async")):
+                 ("mlx-llama-q4", "ablate-q4-no-async"), ("mlx-llama-float", "ablate-float-no-async"),
+                 ("mlx-llama-float", "ablate-float-no-gemv"), ("mlx-llama-q4", "ablate-q4-no-gemv")):
         if a in peers and b in peers:
             lines.append(f"| {a} ÷ {b} | {ratio(peers[a], peers[b], 'pp_tps')} | "
                          f"{ratio(peers[a], peers[b], 'tg_tps')} |")

@@ -13,7 +13,13 @@ OpenBLAS function (the GOT/PLT entries only; nothing on disk changes).
 tests all get it: it binds at once if `mlx.core` is already imported, else the
 moment it is (an import hook), so code paths that never touch MLX (the NumPy
 reference backend) do not pay for importing it.  `MLX_LLAMA_BLAS=reference` (or `off`) keeps the wheel's
-reference BLAS, for comparison.  `OPENBLAS_NUM_THREADS` sets OpenBLAS's thread
+reference BLAS, for comparison.
+
+MLX runs every float matmul as `cblas_sgemm`, also the one-row products of
+decoding; OpenBLAS's sgemm with M=1 runs 3-10x slower than its sgemv on this
+build.  So `cblas_sgemm` is bound to a small dispatcher that sends one-row and
+one-column products to `cblas_sgemv` and the rest to `cblas_sgemm`
+(`MLX_LLAMA_BLAS_GEMV=0` turns that off).  `OPENBLAS_NUM_THREADS` sets OpenBLAS's thread
 count as usual (it defaults to the number of cores).
 """
 
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_VAR = "MLX_LLAMA_BLAS"
+GEMV_ENV_VAR = "MLX_LLAMA_BLAS_GEMV"
 _DISABLED = ("reference", "off", "none", "0", "false", "no")
 _PREFIX = "scipy_"
 
@@ -49,6 +56,7 @@ class BlasInfo:
     threads: int = 0
     core: str = ""
     symbols: list[str] = field(default_factory=list)  # rebound in libmlx.so
+    gemv_forward: bool = False  # one-row/one-column sgemm calls go to sgemv
     reason: str = ""  # why the reference BLAS stayed, if it did
 
     @property
@@ -58,7 +66,8 @@ class BlasInfo:
     def describe(self) -> str:
         if self.name == "openblas":
             return (f"OpenBLAS {self.version} (scipy-openblas32, {self.core or 'core ?'}, "
-                    f"{self.threads} threads; {len(self.symbols)} MLX BLAS/LAPACK symbols rebound)")
+                    f"{self.threads} threads; {len(self.symbols)} MLX BLAS/LAPACK symbols rebound"
+                    f"{'; M=1 sgemm → sgemv' if self.gemv_forward else ''})")
         if self.name == "system":
             return "the platform BLAS MLX was built with (Accelerate on macOS)"
         return f"reference BLAS (netlib, bundled with mlx[cpu]){': ' + self.reason if self.reason else ''}"
@@ -149,8 +158,11 @@ def _bind_openblas() -> BlasInfo:
     if mlx_lib is None:
         raise RuntimeError("libmlx.so is not loaded")
     bound = _rebind(mlx_lib, openblas)
-    if not any(s.startswith("cblas_sgemm") for s in bound):
+    if "cblas_sgemm" not in bound:
         raise RuntimeError("libmlx.so has no cblas_sgemm slot to rebind")
+    gemv = os.environ.get(GEMV_ENV_VAR, "1").strip().lower() not in _DISABLED
+    if gemv:
+        _forward_gemv(openblas)
 
     def call(name: str, restype):  # optional introspection helpers
         fn = getattr(openblas, _PREFIX + name, None)
@@ -163,7 +175,47 @@ def _bind_openblas() -> BlasInfo:
     version = config.decode().split()[1] if config.startswith(b"OpenBLAS") else ""
     core = (call("openblas_get_corename", ctypes.c_char_p) or b"").decode()
     return BlasInfo("openblas", library=str(lib_path), version=version,
-                    threads=call("openblas_get_num_threads", ctypes.c_int) or 0, core=core, symbols=bound)
+                    threads=call("openblas_get_num_threads", ctypes.c_int) or 0, core=core, symbols=bound,
+                    gemv_forward=gemv)
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SGEMM = ctypes.CFUNCTYPE(None, _I, _I, _I, _I, _I, _I, _F, _P, _I, _P, _I, _F, _P, _I)
+_SGEMV = ctypes.CFUNCTYPE(None, _I, _I, _I, _I, _F, _P, _I, _P, _I, _F, _P, _I)
+_KEEP: list = []  # the callback and function objects must outlive every MLX call
+
+
+def _forward_gemv(openblas: ctypes.CDLL) -> None:
+    """Bind libmlx.so's cblas_sgemm slot to a dispatcher: M=1 or N=1 → sgemv."""
+    sgemm = _SGEMM(("scipy_cblas_sgemm", openblas))
+    sgemv = _SGEMV(("scipy_cblas_sgemv", openblas))
+
+    def dispatch(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
+        if order == _ROW_MAJOR and m == 1 and n > 1:
+            # c(1×n) = alpha · a(1×k) · op(b) + beta · c  ⇔  c = alpha · op(b)ᵀ · a + beta · c
+            inc_a = 1 if ta == _NO_TRANS else lda
+            if tb == _TRANS:  # b is stored n×k
+                sgemv(_ROW_MAJOR, _NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1)
+            else:  # b is stored k×n
+                sgemv(_ROW_MAJOR, _TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1)
+        elif order == _ROW_MAJOR and n == 1 and m > 1:
+            # c(m×1) = alpha · op(a)(m×k) · b(k×1) + beta · c
+            inc_b = ldb if tb == _NO_TRANS else 1
+            if ta == _NO_TRANS:  # a is stored m×k
+                sgemv(_ROW_MAJOR, _NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc)
+            else:  # a is stored k×m
+                sgemv(_ROW_MAJOR, _TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc)
+        else:
+            sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    callback = _SGEMM(dispatch)
+    _KEEP.extend([sgemm, sgemv, callback])
+    target = ctypes.cast(callback, ctypes.c_void_p).value
+    for i, (name, addr, _) in enumerate(_SLOTS):
+        if name == "cblas_sgemm":
+            _write_slot(addr, target)
+            _SLOTS[i] = (name, addr, target)
 
 
 def set_threads(n: int) -> None:
@@ -233,27 +285,32 @@ def _rebind(lib_path: str, target: ctypes.CDLL) -> list[str]:
                 slots.append((r_offset, sym_name(r_info >> 32)))
 
     base = _load_bias(lib_path)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    page = os.sysconf("SC_PAGE_SIZE")
     bound: list[str] = []
     for r_offset, name in slots:
         fn = getattr(target, _PREFIX + name, None)
         if fn is None:
             continue
-        addr = base + r_offset
-        start = addr & ~(page - 1)
-        prot = _page_protection(start)
-        if not prot & 2:
-            # RELRO pages are read-only after relocation; open the page briefly.
-            if libc.mprotect(ctypes.c_void_p(start), page, prot | 2) != 0:
-                raise OSError(ctypes.get_errno(), f"mprotect failed for {name}")
-        ctypes.c_void_p.from_address(addr).value = ctypes.cast(fn, ctypes.c_void_p).value
-        _SLOTS.append((name, addr, ctypes.cast(fn, ctypes.c_void_p).value))
-        if not prot & 2:
-            libc.mprotect(ctypes.c_void_p(start), page, prot)
+        value = ctypes.cast(fn, ctypes.c_void_p).value
+        _write_slot(base + r_offset, value)
+        _SLOTS.append((name, base + r_offset, value))
         bound.append(name)
     return bound
+
+
+def _write_slot(addr: int, value: int) -> None:
+    """Store a pointer at `addr`, lifting a read-only (RELRO) page's protection for the write."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = addr & ~(page - 1)
+    prot = _page_protection(start)
+    if not prot & 2:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if libc.mprotect(ctypes.c_void_p(start), page, prot | 2) != 0:
+            raise OSError(ctypes.get_errno(), f"mprotect failed at {addr:#x}")
+        ctypes.c_void_p.from_address(addr).value = value
+        libc.mprotect(ctypes.c_void_p(start), page, prot)
+    else:
+        ctypes.c_void_p.from_address(addr).value = value
 
 
 def _page_protection(addr: int) -> int:

@@ -84,3 +84,36 @@ def test_hook_binds_when_mlx_core_is_imported_later() -> None:
     env = {k: v for k, v in os.environ.items() if k != blas.ENV_VAR}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "openblas"]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 300, 257), (257, 300, 1), (1, 64, 1), (2, 64, 3)])
+def test_one_row_and_one_column_products_match_numpy(m: int, k: int, n: int) -> None:
+    # These take the sgemv forward (M=1 or N=1), in every transpose combination.
+    rng = np.random.default_rng(m * 1000 + n)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    c = rng.standard_normal((m, n), dtype=np.float32)
+    want = a.astype(np.float64) @ b
+    for A in (mx.array(a), mx.array(np.ascontiguousarray(a.T)).T):
+        for B in (mx.array(b), mx.array(np.ascontiguousarray(b.T)).T):
+            np.testing.assert_allclose(np.array(A @ B), want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+            got = np.array(mx.addmm(mx.array(c), A, B, alpha=0.5, beta=2.0))
+            np.testing.assert_allclose(got, 2.0 * c + 0.5 * want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    # Batched one-row products (decode attention) and a strided row of a bigger matrix.
+    q = rng.standard_normal((4, 1, 32), dtype=np.float32)
+    kk = rng.standard_normal((4, 50, 32), dtype=np.float32)
+    got = np.array(mx.array(q) @ mx.array(kk).transpose(0, 2, 1))
+    np.testing.assert_allclose(got, q @ kk.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+@linux_only
+def test_gemv_forward_is_on_by_default_and_can_be_turned_off() -> None:
+    if blas.info().name != "openblas":
+        pytest.skip("OpenBLAS not bound")
+    assert blas.info().gemv_forward
+    assert blas.verify()
+    code = "import mlx_llama, mlx.core as mx; from mlx_llama import blas; i = blas.info(); print(i.name, i.gemv_forward)"
+    env = {**os.environ, blas.GEMV_ENV_VAR: "0"}
+    env.pop(blas.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["openblas", "False"]
