@@ -145,6 +145,19 @@ class ModelConfig:
         return {"group_size": int(q["group_size"]), "bits": int(q["bits"])}
 
 
+def read_optional_json(path: Path) -> dict[str, Any]:
+    """A side file such as generation_config.json: {} when absent, a clear error when malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MlxLlamaError(f"{path} must hold a JSON object")
+    return data
+
+
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig
+from .config import ModelConfig, read_optional_json
 from .errors import MlxLlamaError
 from .model import Model
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 # Tensors some checkpoints carry that the model derives itself.
 _HARMLESS_EXTRAS = ("rotary_emb.inv_freq",)
@@ -98,16 +100,10 @@ def load_model(path: str | Path, dtype: str | None = None) -> Model:
 
 
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
+    return read_optional_json(Path(model_dir) / "generation_config.json")
 
 
-def load(path: str | Path, dtype: str | None = None) -> tuple[Model, "Tokenizer | None"]:
+def load(path: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer | None]:
     """`model, tokenizer = load(dir)`; the tokenizer is None when the directory has none."""
     from .tokenizer import Tokenizer
 

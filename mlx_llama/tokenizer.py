@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -13,6 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .chat_template import LLAMA3_CHAT_TEMPLATE
+from .config import read_optional_json
 from .errors import MlxLlamaError
 
 Message = dict[str, str]
@@ -25,21 +25,12 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
-
-
 def _read_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
     # transformers >= 4.43 writes chat_template.jinja; older ones chat_template.json or the config.
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
-    template = _read_json(model_dir / "chat_template.json").get("chat_template")
+    template = read_optional_json(model_dir / "chat_template.json").get("chat_template")
     template = template or tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template}
@@ -103,9 +94,9 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type
             raise MlxLlamaError(f"cannot read {path}: {e}") from None
-        tok_config = _read_json(model_dir / "tokenizer_config.json")
-        eos_ids = _eos_ids(_read_json(model_dir / "config.json"))
-        eos_ids += _eos_ids(_read_json(model_dir / "generation_config.json"))
+        tok_config = read_optional_json(model_dir / "tokenizer_config.json")
+        eos_ids = _eos_ids(read_optional_json(model_dir / "config.json"))
+        eos_ids += _eos_ids(read_optional_json(model_dir / "generation_config.json"))
         eos_text = _token_text(tok_config.get("eos_token"))
         if eos_text and backend.token_to_id(eos_text) is not None:
             eos_ids.append(backend.token_to_id(eos_text))

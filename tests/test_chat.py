@@ -68,6 +68,7 @@ def test_scripted_chat_equals_from_scratch_generation(tiny_chat_model, loaded):
     model, tok = loaded
     messages = [{"role": "system", "content": SYSTEM}]
     cached: list[int] = []
+    prev_ids: list[int] = []
     for i, (user, rec) in enumerate(zip(users, records)):
         messages.append({"role": "user", "content": user})
         ids, out = from_scratch(model, tok, messages, N)
