@@ -782,11 +782,12 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     stem = args.out / f"throughput-{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    # (not with_suffix: preset names hold dots, e.g. llama-3.2-1b)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
+    Path(f"{stem}.md").write_text(md)
     try:
-        chart(result, stem.with_suffix(".png"))
+        chart(result, Path(f"{stem}.png"))
     except ImportError:
         log("matplotlib missing: no chart (pip install matplotlib)")
     print(md)
