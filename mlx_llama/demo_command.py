@@ -27,9 +27,11 @@ MARKER = ".mlx-llama-demo"  # marks a directory the demo made, so it may reuse a
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("-p", "--prompt", default="Write a haiku about the sea.", show_default=True)
 @click.option("--max-tokens", "-n", type=int, default=24, show_default=True)
-def demo_command(work_dir: Path, preset: str, bits: str, prompt: str, max_tokens: int) -> None:
-    """Random checkpoint → convert → generate, with no network."""
-    from .convert import convert
+@click.pass_context
+def demo_command(ctx: click.Context, work_dir: Path, preset: str, bits: str, prompt: str, max_tokens: int) -> None:
+    """Random checkpoint → convert → generate → cross-check, with no network."""
+    from .check_command import check_command
+    from .convert import convert_with_report
     from .generate import GenerationStats, generate_tokens
     from .loader import load
     from .text import stream_text
@@ -41,16 +43,19 @@ def demo_command(work_dir: Path, preset: str, bits: str, prompt: str, max_tokens
 
     hf_dir = work_dir / f"random-{preset}"
     if not (hf_dir / "config.json").exists():
-        click.echo(f"[1/3] writing a random-weight {preset} checkpoint (HF layout) to {hf_dir}", err=True)
+        click.echo(f"[1/4] writing a random-weight {preset} checkpoint (HF layout) to {hf_dir}", err=True)
         write_checkpoint(hf_dir, make_config(preset))
     else:
-        click.echo(f"[1/3] reusing {hf_dir}", err=True)
+        click.echo(f"[1/4] reusing {hf_dir}", err=True)
 
     out_dir = work_dir / f"random-{preset}-{bits}bit"
-    click.echo(f"[2/3] converting to {bits}-bit MLX format in {out_dir}", err=True)
-    convert(hf_dir, out_dir, bits=int(bits), force=True, log=lambda msg: click.echo(f"      {msg}", err=True))
+    click.echo(f"[2/4] converting to {bits}-bit MLX format in {out_dir}", err=True)
+    report = convert_with_report(hf_dir, out_dir, bits=int(bits), force=True,
+                                 log=lambda msg: click.echo(f"      {msg}", err=True))
+    for line in report.lines():
+        click.echo(f"      {line}", err=True)
 
-    click.echo("[3/3] generating (random weights: the text below is noise)", err=True)
+    click.echo("[3/4] generating (random weights: the text below is noise)", err=True)
     model, tokenizer = load(out_dir)
     stats = GenerationStats()
     if tokenizer is None:
@@ -66,7 +71,9 @@ def demo_command(work_dir: Path, preset: str, bits: str, prompt: str, max_tokens
         click.echo()
     click.echo(
         f"prompt {stats.prompt_tokens} tok at {stats.prompt_tps:.1f} tok/s, "
-        f"generated {stats.generation_tokens} tok at {stats.generation_tps:.1f} tok/s. "
-        f"Next: mlx-llama chat -m {out_dir}",
+        f"generated {stats.generation_tokens} tok at {stats.generation_tps:.1f} tok/s",
         err=True,
     )
+    click.echo("[4/4] cross-checking the MLX model against the NumPy reference (mlx-llama check)", err=True)
+    ctx.invoke(check_command, model_path=str(out_dir), tokens=8)
+    click.echo(f"Next: mlx-llama chat -m {out_dir}", err=True)
