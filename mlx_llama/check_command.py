@@ -78,7 +78,7 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
         tolerance = TOLERANCES[dtype]
         if cfg.quantization and mode == "q8":
             tolerance = max(tolerance, Q8_TOLERANCE)
-    previous = qmatmul.get_mode()
+    previous = qmatmul._mode_override  # restore the override itself, not the env-derived mode
     qmatmul.set_mode(mode)
     kernel = f", quantized matmul: {qmatmul.backend_name()}" if cfg.quantization else ""
     try:
