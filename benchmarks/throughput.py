@@ -61,10 +61,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                note="our runtime, 4-bit, async_eval lookahead off"),
     "ablate-float-no-async": dict(engine="mlx-llama", weights="hf", no_async=True,
                                   note="our runtime, float32, async_eval lookahead off"),
-    "ablate-float-gemv": dict(engine="mlx-llama", weights="hf", env={"MLX_LLAMA_BLAS_GEMV": "1"},
-                              note="our runtime, float32, M=1 sgemm forwarded to sgemv (opt-in)"),
-    "ablate-q4-gemv": dict(engine="mlx-llama", weights="q4", env={"MLX_LLAMA_BLAS_GEMV": "1"},
-                           note="our runtime, 4-bit, M=1 sgemm forwarded to sgemv (opt-in)"),
+    "ablate-float-no-gemv": dict(engine="mlx-llama", weights="hf", env={"MLX_LLAMA_BLAS_GEMV": "0"},
+                                 note="our runtime, float32, M=1 sgemm not forwarded to sgemv"),
+    "ablate-q4-no-gemv": dict(engine="mlx-llama", weights="q4", env={"MLX_LLAMA_BLAS_GEMV": "0"},
+                              note="our runtime, 4-bit, M=1 sgemm not forwarded to sgemv"),
 }
 DEFAULT_PEERS = list(PEERS)
 
@@ -606,7 +606,7 @@ def markdown(result: dict[str, Any]) -> str:
                  ("mlx-llama-q4", "llamacpp-q4_0"), ("mlx-llama-q8", "llamacpp-q8_0"),
                  ("mlx-llama-float", "ablate-float-bf16"), ("mlx-llama-float", "ablate-float-refblas"),
                  ("mlx-llama-q4", "ablate-q4-no-async"), ("mlx-llama-float", "ablate-float-no-async"),
-                 ("ablate-float-gemv", "mlx-llama-float"), ("ablate-q4-gemv", "mlx-llama-q4")):
+                 ("mlx-llama-float", "ablate-float-no-gemv"), ("mlx-llama-q4", "ablate-q4-no-gemv")):
         if a in peers and b in peers:
             lines.append(f"| {a} ÷ {b} | {ratio(peers[a], peers[b], 'pp_tps')} | "
                          f"{ratio(peers[a], peers[b], 'tg_tps')} |")

@@ -3,6 +3,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
+#include "blas_dispatch.h"
 #include "qmm.h"
 #include "threadpool.h"
 
@@ -64,6 +65,24 @@ NB_MODULE(_qmm_ext, m) {
       "group_size"_a,
       "bits"_a,
       "Whether the int8-activation fast path handles these parameters.");
+
+  m.def(
+      "set_blas_pointers",
+      [](uintptr_t sgemm, uintptr_t sgemv) {
+        if (sgemm == 0) {
+          throw std::invalid_argument("sgemm must be a function address");
+        }
+        mlx_llama::set_blas_pointers(reinterpret_cast<mlx_llama::SgemmFn>(sgemm),
+                                     reinterpret_cast<mlx_llama::SgemvFn>(sgemv));
+      },
+      "sgemm_addr"_a,
+      "sgemv_addr"_a,
+      "Give sgemm_dispatch the cblas_sgemm / cblas_sgemv it calls (sgemv 0: no forwarding).");
+  m.def(
+      "sgemm_dispatch_address",
+      [] { return reinterpret_cast<uintptr_t>(&mlx_llama::mlx_llama_sgemm_dispatch); },
+      "Address of a cblas_sgemm that sends one-row/one-column products to sgemv.");
+  m.def("gemv_calls", &mlx_llama::gemv_calls, "sgemm calls forwarded to sgemv so far.");
 
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
 

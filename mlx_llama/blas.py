@@ -17,13 +17,12 @@ reference BLAS, for comparison.
 
 MLX runs every float matmul as `cblas_sgemm`, also the one-row products of
 decoding; OpenBLAS's sgemm with M=1 runs 3-10x slower than its sgemv on this
-build.  `MLX_LLAMA_BLAS_GEMV=1` (experimental, off by default) binds
-`cblas_sgemm` to a ctypes dispatcher that sends one-row and one-column products
-to `cblas_sgemv`: float32 decoding runs ~2x faster with our generation loop,
-but the dispatcher needs the GIL on MLX's worker thread, so code that waits on
-MLX while holding the GIL deadlocks (mlx-lm's `stream_generate` does), and its
-per-call cost slows 4-bit decoding.  A C-level forward would have neither
-problem.  `OPENBLAS_NUM_THREADS` sets OpenBLAS's thread
+build.  So `cblas_sgemm`'s slot is bound to a C dispatcher in our extension
+(`_qmm_ext.sgemm_dispatch_address()`, csrc/blas_dispatch.cpp) that sends
+one-row and one-column products to OpenBLAS's `cblas_sgemv` and everything else
+to its `cblas_sgemm`: no Python and no GIL on MLX's worker thread.
+`MLX_LLAMA_BLAS_GEMV=0` opts out (plain OpenBLAS sgemm); without the extension
+the forward is skipped.  `OPENBLAS_NUM_THREADS` sets OpenBLAS's thread
 count as usual (it defaults to the number of cores).
 """
 
@@ -164,9 +163,9 @@ def _bind_openblas() -> BlasInfo:
     bound = _rebind(mlx_lib, openblas)
     if "cblas_sgemm" not in bound:
         raise RuntimeError("libmlx.so has no cblas_sgemm slot to rebind")
-    gemv = os.environ.get(GEMV_ENV_VAR, "0").strip().lower() in ("1", "on", "true", "yes")
+    gemv = os.environ.get(GEMV_ENV_VAR, "1").strip().lower() not in _DISABLED
     if gemv:
-        _forward_gemv(openblas)
+        gemv = _forward_gemv(openblas)
 
     def call(name: str, restype):  # optional introspection helpers
         fn = getattr(openblas, _PREFIX + name, None)
@@ -183,43 +182,32 @@ def _bind_openblas() -> BlasInfo:
                     gemv_forward=gemv)
 
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_I, _F, _P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_SGEMM = ctypes.CFUNCTYPE(None, _I, _I, _I, _I, _I, _I, _F, _P, _I, _P, _I, _F, _P, _I)
-_SGEMV = ctypes.CFUNCTYPE(None, _I, _I, _I, _I, _F, _P, _I, _P, _I, _F, _P, _I)
-_KEEP: list = []  # the callback and function objects must outlive every MLX call
-
-
-def _forward_gemv(openblas: ctypes.CDLL) -> None:
-    """Bind libmlx.so's cblas_sgemm slot to a dispatcher: M=1 or N=1 → sgemv."""
-    sgemm = _SGEMM(("scipy_cblas_sgemm", openblas))
-    sgemv = _SGEMV(("scipy_cblas_sgemv", openblas))
-
-    def dispatch(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
-        if order == _ROW_MAJOR and m == 1 and n > 1:
-            # c(1×n) = alpha · a(1×k) · op(b) + beta · c  ⇔  c = alpha · op(b)ᵀ · a + beta · c
-            inc_a = 1 if ta == _NO_TRANS else lda
-            if tb == _TRANS:  # b is stored n×k
-                sgemv(_ROW_MAJOR, _NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1)
-            else:  # b is stored k×n
-                sgemv(_ROW_MAJOR, _TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1)
-        elif order == _ROW_MAJOR and n == 1 and m > 1:
-            # c(m×1) = alpha · op(a)(m×k) · b(k×1) + beta · c
-            inc_b = ldb if tb == _NO_TRANS else 1
-            if ta == _NO_TRANS:  # a is stored m×k
-                sgemv(_ROW_MAJOR, _NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc)
-            else:  # a is stored k×m
-                sgemv(_ROW_MAJOR, _TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc)
-        else:
-            sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-
-    callback = _SGEMM(dispatch)
-    _KEEP.extend([sgemm, sgemv, callback])
-    target = ctypes.cast(callback, ctypes.c_void_p).value
-    for i, (name, addr, _) in enumerate(_SLOTS):
+def _forward_gemv(openblas: ctypes.CDLL) -> bool:
+    """Bind libmlx.so's cblas_sgemm slot to the extension's dispatcher (M=1 or N=1 → sgemv)."""
+    try:
+        from mlx_llama import _qmm_ext as ext
+    except ImportError:  # built without the extension (MLX_LLAMA_SKIP_EXT=1)
+        return False
+    if not hasattr(ext, "sgemm_dispatch_address"):  # a stale build
+        return False
+    addr = {n: ctypes.cast(getattr(openblas, _PREFIX + n), ctypes.c_void_p).value
+            for n in ("cblas_sgemm", "cblas_sgemv")}
+    ext.set_blas_pointers(addr["cblas_sgemm"], addr["cblas_sgemv"])
+    target = ext.sgemm_dispatch_address()
+    for i, (name, slot, _) in enumerate(_SLOTS):
         if name == "cblas_sgemm":
-            _write_slot(addr, target)
-            _SLOTS[i] = (name, addr, target)
+            _write_slot(slot, target)
+            _SLOTS[i] = (name, slot, target)
+    return True
+
+
+def gemv_calls() -> int:
+    """sgemm calls the dispatcher has sent to sgemv in this process (0 when it is not bound)."""
+    if not info().gemv_forward:
+        return 0
+    from mlx_llama import _qmm_ext
+
+    return int(_qmm_ext.gemv_calls())
 
 
 def set_threads(n: int) -> None:
