@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import prompt_cache
 from .errors import MlxLlamaError
-from .generate import GenerationStats, generate_with_sampler
+from .generate import GenerationStats, generate_tokens
 from .sampler import Sampler, SamplingParams
 from .tokenizer import Message
 
@@ -257,8 +257,8 @@ class ChatSession:
         try:
             stats = GenerationStats()
             new_ids = self._new_ids(stats.extra)
-            tokens = generate_with_sampler(
-                self.model, new_ids, self.sampler, max_tokens=self.max_tokens, cache=self.cache,
+            tokens = generate_tokens(
+                self.model, new_ids, sampler=self.sampler, max_tokens=self.max_tokens, cache=self.cache,
                 prefill_step_size=self.prefill_step_size, stop_ids=self.tokenizer.stop_ids, stats=stats,
             )
         except BaseException:

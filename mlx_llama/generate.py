@@ -95,36 +95,20 @@ def generate_tokens(
     cache: list | None = None,
     stop_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
+    sampler: Sampler | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids for `prompt_ids`.
 
     With `cache` given, `prompt_ids` are the tokens that continue what the cache
     already holds (chat turns); otherwise a fresh cache is made (rotating when
     `max_kv_size` is set, keeping the first `keep` tokens).  Generation stops after
-    yielding a token in `stop_ids` or after `max_tokens` tokens.
+    yielding a token in `stop_ids` or after `max_tokens` tokens.  A `sampler`, when
+    given, replaces the sampling arguments (chat keeps one, and its RNG, across turns).
     """
-    sampler = Sampler(
-        SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed)
-    )
-    return generate_with_sampler(
-        model, prompt_ids, sampler, max_tokens=max_tokens, max_kv_size=max_kv_size, keep=keep,
-        prefill_step_size=prefill_step_size, cache=cache, stop_ids=stop_ids, stats=stats,
-    )
-
-
-def generate_with_sampler(
-    model: Any,
-    prompt_ids: Sequence[int],
-    sampler: Sampler,
-    *,
-    max_tokens: int,
-    max_kv_size: int | None = None,
-    keep: int = 4,
-    prefill_step_size: int = 512,
-    cache: list | None = None,
-    stop_ids: Sequence[int] = (),
-    stats: GenerationStats | None = None,
-) -> Iterator[int]:
+    if sampler is None:
+        sampler = Sampler(
+            SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed)
+        )
     if max_tokens < 0:
         raise MlxLlamaError("max tokens must be >= 0")
     if cache is None:
