@@ -65,17 +65,26 @@ mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
   return mx::contiguous(b, false, s);
 }
 
-void alloc_out(mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-}
-
-void require_contiguous(const std::vector<mx::array>& inputs) {
+// The prologue every eval_cpu shares: inputs were made contiguous when the
+// graph was built; allocate the output and register all arrays with the
+// stream's encoder so MLX keeps them alive until the dispatched work runs.
+mx::cpu::CommandEncoder& prepare_cpu_eval(
+    const mx::Stream& stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out) {
   for (auto& in : inputs) {
     if (!in.flags().row_contiguous) {
       throw std::runtime_error(
           "[mlx_llama.quantized_matmul] internal error: non-contiguous input");
     }
   }
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  enc.set_output_array(out);
+  return enc;
 }
 
 } // namespace
@@ -135,20 +144,12 @@ std::vector<mx::Shape> QuantizedMatmulCPU::output_shapes(
 void QuantizedMatmulCPU::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  require_contiguous(inputs);
   auto& x = inputs[0];
   auto& w = inputs[1];
   auto& scales = inputs[2];
   auto& biases = inputs[3];
   auto& out = outputs[0];
-  alloc_out(out);
-
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(x);
-  enc.set_input_array(w);
-  enc.set_input_array(scales);
-  enc.set_input_array(biases);
-  enc.set_output_array(out);
+  auto& enc = prepare_cpu_eval(stream(), inputs, out);
 
   const int K = x.shape(-1);
   const int M = static_cast<int>(K > 0 ? x.size() / K : 0);
@@ -206,17 +207,11 @@ mx::array dequantize(
 void DequantizeCPU::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  require_contiguous(inputs);
   auto& w = inputs[0];
   auto& scales = inputs[1];
   auto& biases = inputs[2];
   auto& out = outputs[0];
-  alloc_out(out);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(w);
-  enc.set_input_array(scales);
-  enc.set_input_array(biases);
-  enc.set_output_array(out);
+  auto& enc = prepare_cpu_eval(stream(), inputs, out);
   enc.dispatch([wp = w.data<uint32_t>(),
                 sp = scales.data<float>(),
                 bp = biases.data<float>(),
