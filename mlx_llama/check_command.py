@@ -78,14 +78,10 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
         tolerance = TOLERANCES[dtype]
         if cfg.quantization and mode == "q8":
             tolerance = max(tolerance, Q8_TOLERANCE)
-    previous = qmatmul._mode_override  # restore the override itself, not the env-derived mode
-    qmatmul.set_mode(mode)
-    kernel = f", quantized matmul: {qmatmul.backend_name()}" if cfg.quantization else ""
-    try:
+    with qmatmul.using_mode(mode):
+        kernel = f", quantized matmul: {qmatmul.backend_name()}" if cfg.quantization else ""
         report = compare(mlx_model, numpy_model, ids, tokens=tokens, max_kv_size=max_kv_size, keep=keep,
                          prefill_step_size=prefill_step_size, tolerance=tolerance)
-    finally:
-        qmatmul.set_mode(previous)
     click.echo(f"mlx ({dtype}{kernel}) vs numpy ({reference_dtype}) on {model_path}")
     for line in report.lines():
         click.echo(line)

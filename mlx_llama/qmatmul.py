@@ -33,8 +33,10 @@ x to dequantize + `mx.matmul` instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -91,6 +93,17 @@ def set_mode(mode: str | None) -> None:
 
 def get_mode() -> str:
     return _mode_override or _env_mode()
+
+
+@contextlib.contextmanager
+def using_mode(mode: str | None) -> Iterator[None]:
+    """`set_mode(mode)` for a block, then restore the previous override (not the env-derived mode)."""
+    previous = _mode_override
+    set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(previous)
 
 
 def num_threads() -> int:

@@ -23,15 +23,8 @@ REL_TOL = 1e-4  # float32, relative to the largest |logit| at each position
 PROMPT = np.random.default_rng(1).integers(0, 256, 23).tolist()
 
 
-@pytest.fixture(autouse=True)
-def exact_quantized_matmul() -> Any:
-    """MLX's default CPU quantized matmul ("q8") quantizes activations; these bounds are for the exact kernel."""
-    from mlx_llama import qmatmul
-
-    previous = qmatmul.get_mode()
-    qmatmul.set_mode("exact")
-    yield
-    qmatmul.set_mode(previous)
+# The bounds below are for the exact kernel (conftest.exact_quantized_matmul).
+pytestmark = pytest.mark.usefixtures("exact_quantized_matmul")
 
 
 def quantize_checkpoint(src: Path, dst: Path, bits: int, group_size: int,
