@@ -36,8 +36,6 @@
 
 namespace mlx_llama {
 
-namespace {
-
 bool cpu_has_avx2() {
 #ifdef MLXL_X86
   static const bool v = [] {
@@ -52,6 +50,8 @@ bool cpu_has_avx2() {
   return false;
 #endif
 }
+
+namespace {
 
 inline int ceil_div(int a, int b) {
   return (a + b - 1) / b;
@@ -314,6 +314,17 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
           reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
       const float* s = a.scales + int64_t(n) * c.n_groups;
       const float* b = a.biases + int64_t(n) * c.n_groups;
+      // Rows are too short for the hardware prefetcher (see q8_tile): fetch
+      // the row after next while this one is computed.
+      for (int off = 0; off < c.row_bytes; off += 64) {
+        _mm_prefetch(
+            reinterpret_cast<const char*>(row) + 2 * c.row_bytes + off,
+            _MM_HINT_T0);
+      }
+      for (int off = 0; off < c.n_groups * 4; off += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(s + 2 * c.n_groups) + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 2 * c.n_groups) + off, _MM_HINT_T0);
+      }
       for (int m = 0; m < a.M; ++m) {
         a.y[int64_t(m) * a.N + n] = fused(
             row,
@@ -422,8 +433,10 @@ struct Q8Ctx {
   int n_chunks; // K / E
 };
 
-// Quantize row m of x into plane order for `bits`.
-void quantize_row(
+// Quantize row m of x into plane order for `bits`: int8 values q = round(x / d)
+// per block of 32 with d = max|x| / 127 (round half to even, as
+// _mm256_cvtps_epi32 does in the default rounding mode).
+TARGET_AVX2 void quantize_row(
     const float* x,
     int K,
     int bits,
@@ -433,6 +446,12 @@ void quantize_row(
     float* xdq_sum) {
   const int P = 8 / bits;
   const int E = 256 / bits;
+  // Position of element `within` of a chunk in plane order: plane
+  // within % P holds the elements that meet the weights' bits at that shift.
+  uint8_t pos[128];
+  for (int w = 0; w < E; ++w) {
+    pos[w] = static_cast<uint8_t>((w % P) * 32 + w / P);
+  }
   const int nb = K / 32;
   float dblk[1024];
   std::vector<float> dv;
@@ -441,30 +460,52 @@ void quantize_row(
     dv.resize(nb);
     d = dv.data();
   }
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int blk = 0; blk < nb; ++blk) {
     const float* p = x + blk * 32;
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) {
-      amax = std::max(amax, std::fabs(p[i]));
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(p + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
     }
-    const float db = amax / 127.f;
-    const float id = db > 0.f ? 127.f / amax : 0.f;
+    __m128 m4 = _mm_max_ps(
+        _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float am = _mm_cvtss_f32(m4);
+    const float db = am / 127.f;
+    const __m256 id = _mm256_set1_ps(db > 0.f ? 127.f / am : 0.f);
     d[blk] = db;
-    int isum = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int k = blk * 32 + i;
-      const int c = k / E, within = k % E;
-      const int j = within / P, pl = within % P;
-      const int q = static_cast<int>(std::nearbyint(p[i] * id));
-      isum += q;
-      xq[int64_t(c) * 32 * P + pl * 32 + j] = static_cast<int8_t>(q);
+    __m256i qi[4];
+    __m256i isum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+      isum = _mm256_add_epi32(isum, qi[i]);
     }
-    // Sum of the dequantized activations per weight group (see bias_dot).
-    const int gi = blk * 32 / group_size;
-    if ((blk * 32) % group_size == 0) {
+    const __m256i q16a = _mm256_packs_epi32(qi[0], qi[1]);
+    const __m256i q16b = _mm256_packs_epi32(qi[2], qi[3]);
+    const __m256i q8 = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(q16a, q16b),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    alignas(32) int8_t q[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), q8);
+    const int k0 = blk * 32;
+    int8_t* dst = xq + int64_t(k0 / E) * 32 * P;
+    const uint8_t* ps = pos + k0 % E;
+    for (int i = 0; i < 32; ++i) {
+      dst[ps[i]] = q[i];
+    }
+    __m128i s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    // Sum of the dequantized activations per weight group (see bias_vec).
+    const int gi = k0 / group_size;
+    if (k0 % group_size == 0) {
       xdq_sum[gi] = 0.f;
     }
-    xdq_sum[gi] += db * static_cast<float>(isum);
+    xdq_sum[gi] += db * static_cast<float>(_mm_cvtsi128_si32(s4));
   }
   const int n_chunks = K / E;
   for (int c = 0; c < n_chunks; ++c) {
@@ -493,7 +534,8 @@ TARGET_AVX2 inline __m256 lane_scales(const float* s, int ch, int cpg_shift) {
   }
 }
 
-// The terms of y outside the integer dot products, for one (row, column):
+// The terms of y outside the integer dot products, for one (row, column),
+// as 8 lanes to be summed:
 //  * 8 bits: the kernel multiplies (q - 128) by the int8 activations, so
 //      sum_g (b_g + 128 s_g) * xsum_g
 //  * 2/4 bits: the kernel multiplies unsigned q; re-centring q around
@@ -502,38 +544,47 @@ TARGET_AVX2 inline __m256 lane_scales(const float* s, int ch, int cpg_shift) {
 //    which moves c * sum(x - x_dq) of the activation rounding error back to
 //    exact values (about halves the error of the int8 path).
 template <int BITS>
-TARGET_AVX2 float bias_dot(
+TARGET_AVX2 inline __m256 bias_vec(
     const float* b,
     const float* s,
     const float* xsum,
     const float* xdq,
     int ng) {
-  constexpr float c = static_cast<float>(1 << (BITS - 1));
-  const __m256 cv = _mm256_set1_ps(c);
+  const __m256 cv = _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
   __m256 acc = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 8 <= ng; i += 8) {
-    const __m256 sv = _mm256_loadu_ps(s + i);
-    const __m256 bv = _mm256_loadu_ps(b + i);
-    const __m256 xv = _mm256_loadu_ps(xsum + i);
+  for (int i = 0; i < ng; i += 8) {
+    __m256 sv, bv, xv, qv;
+    if (i + 8 <= ng) {
+      sv = _mm256_loadu_ps(s + i);
+      bv = _mm256_loadu_ps(b + i);
+      xv = _mm256_loadu_ps(xsum + i);
+      qv = _mm256_loadu_ps(xdq + i);
+    } else {
+      // Tail (fewer than 8 groups): masked loads read zeros past the end.
+      const __m256i m = _mm256_cmpgt_epi32(
+          _mm256_set1_epi32(ng - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      sv = _mm256_maskload_ps(s + i, m);
+      bv = _mm256_maskload_ps(b + i, m);
+      xv = _mm256_maskload_ps(xsum + i, m);
+      qv = _mm256_maskload_ps(xdq + i, m);
+    }
     if constexpr (BITS == 8) {
+      (void)qv;
       acc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, cv, bv), xv, acc);
     } else {
-      const __m256 dv = _mm256_sub_ps(xv, _mm256_loadu_ps(xdq + i));
       acc = _mm256_fmadd_ps(bv, xv, acc);
-      acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, cv), dv, acc);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, cv), _mm256_sub_ps(xv, qv), acc);
     }
   }
-  float r = hsum256(acc);
-  for (; i < ng; ++i) {
-    if constexpr (BITS == 8) {
-      r = std::fma(std::fma(s[i], c, b[i]), xsum[i], r);
-    } else {
-      r = std::fma(b[i], xsum[i], r);
-      r = std::fma(s[i] * c, xsum[i] - xdq[i], r);
-    }
-  }
-  return r;
+  return acc;
+}
+
+// Horizontal sums of four vectors: lane r of the result is the sum of v_r.
+// Every row is reduced in the same order whichever slot it occupies, so tiles
+// of 4, 2 or 1 rows give bit-identical results.
+TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // R weight rows x C activation rows over the whole K.
@@ -567,7 +618,22 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const int n_chunks = c.n_chunks; // local: keeps acc[][] in registers
+  // The R rows of this tile are one contiguous block; rows are short (1 KB
+  // for K = 2048 at 4 bits), too short for the hardware prefetcher to lock on
+  // to R interleaved streams. Walk the next tile's block linearly instead, at
+  // the rate this tile is consumed (R * 32 bytes per chunk).
+  const char* pf = reinterpret_cast<const char*>(wr[0]) + R * c.row_bytes;
+  // ... and the next tile's scales and biases (R * ng floats each).
+  for (int off = 0; off < R * ng * 4; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(sr[0] + R * ng) + off, _MM_HINT_T0);
+    _mm_prefetch(
+        reinterpret_cast<const char*>(a.biases + int64_t(n0 + R) * ng) + off,
+        _MM_HINT_T0);
+  }
   for (int ch = 0; ch < n_chunks; ++ch) {
+    for (int off = 0; off < R * 32; off += 64) {
+      _mm_prefetch(pf + int64_t(ch) * R * 32 + off, _MM_HINT_T0);
+    }
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
@@ -611,16 +677,28 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float* br = a.biases + int64_t(n0 + r) * ng;
-    for (int j = 0; j < C; ++j) {
-      const float bias = bias_dot<BITS>(
-          br,
-          sr[r],
-          c.xsum + int64_t(m0 + j) * ng,
-          c.xdq + int64_t(m0 + j) * ng,
-          ng);
-      a.y[int64_t(m0 + j) * a.N + n0 + r] = hsum256(acc[r][j]) + bias;
+  for (int j = 0; j < C; ++j) {
+    const float* xsum = c.xsum + int64_t(m0 + j) * ng;
+    const float* xdq = c.xdq + int64_t(m0 + j) * ng;
+    __m256 t[R];
+    for (int r = 0; r < R; ++r) {
+      t[r] = _mm256_add_ps(
+          acc[r][j],
+          bias_vec<BITS>(a.biases + int64_t(n0 + r) * ng, sr[r], xsum, xdq, ng));
+    }
+    float* y = a.y + int64_t(m0 + j) * a.N + n0;
+    for (int r = 0; r < R; r += 4) {
+      alignas(16) float out[4];
+      _mm_store_ps(
+          out,
+          hsum4(
+              t[r],
+              t[std::min(r + 1, R - 1)],
+              t[std::min(r + 2, R - 1)],
+              t[std::min(r + 3, R - 1)]));
+      for (int i = 0; i < std::min(4, R - r); ++i) {
+        y[r + i] = out[i];
+      }
     }
   }
 }

@@ -55,6 +55,10 @@ void dequantize_rows(
 // for the benchmarks; the result only defeats dead-code elimination).
 float read_probe(const float* p, int64_t n);
 
+// Whether the AVX2+FMA code paths run (false on other CPUs, or when
+// MLX_LLAMA_FORCE_SCALAR is set).
+bool cpu_has_avx2();
+
 // "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime.
 const char* isa();
 
