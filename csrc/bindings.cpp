@@ -4,6 +4,7 @@
 #include <nanobind/stl/variant.h>
 
 #include "blas_dispatch.h"
+#include "fused_ops.h"
 #include "qmm.h"
 #include "threadpool.h"
 
@@ -83,6 +84,36 @@ NB_MODULE(_qmm_ext, m) {
       [] { return reinterpret_cast<uintptr_t>(&mlx_llama::mlx_llama_sgemm_dispatch); },
       "Address of a cblas_sgemm that sends one-row/one-column products to sgemv.");
   m.def("gemv_calls", &mlx_llama::gemv_calls, "sgemm calls forwarded to sgemv so far.");
+
+  m.def(
+      "rms_norm",
+      &mlx_llama::rms_norm,
+      "x"_a,
+      "weight"_a,
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "x * rsqrt(mean(x^2, -1) + eps) * weight on the CPU, one graph node.");
+  m.def(
+      "rope",
+      &mlx_llama::rope,
+      "x"_a,
+      "offset"_a,
+      "periods"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Half-split RoPE of x (B, L, H, D) at positions offset + l, one graph node.");
+  m.def(
+      "attention",
+      &mlx_llama::attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "causal"_a,
+      "stream"_a = nb::none(),
+      "softmax(q k^T * scale) v for q (B, L, H, D), k/v (B, Hkv, T, D) -> (B, L, H, D).");
 
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
 

@@ -3,8 +3,9 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
+
+#include "cpu_eval.h"
 
 namespace mlx_llama {
 
@@ -60,33 +61,6 @@ std::pair<int, int> check_weights(
   return {N, K};
 }
 
-mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
-  mx::array b = a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s);
-  return mx::contiguous(b, false, s);
-}
-
-// The prologue every eval_cpu shares: inputs were made contiguous when the
-// graph was built; allocate the output and register all arrays with the
-// stream's encoder so MLX keeps them alive until the dispatched work runs.
-mx::cpu::CommandEncoder& prepare_cpu_eval(
-    const mx::Stream& stream,
-    const std::vector<mx::array>& inputs,
-    mx::array& out) {
-  for (auto& in : inputs) {
-    if (!in.flags().row_contiguous) {
-      throw std::runtime_error(
-          "[mlx_llama.quantized_matmul] internal error: non-contiguous input");
-    }
-  }
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream);
-  for (auto& in : inputs) {
-    enc.set_input_array(in);
-  }
-  enc.set_output_array(out);
-  return enc;
-}
-
 } // namespace
 
 mx::array quantized_matmul(
@@ -117,8 +91,11 @@ mx::array quantized_matmul(
         "[mlx_llama.quantized_matmul] x must be floating point");
   }
   const mx::Dtype out_dtype = x.dtype();
-  auto xf = as_f32_contiguous(x, s);
-  auto wc = mx::contiguous(w, false, s);
+  // x may stay strided: eval_cpu copies it then (rare; no graph op).
+  auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
+  auto wc = w.is_available() && w.flags().row_contiguous
+      ? w
+      : mx::contiguous(w, false, s);
   auto sf = as_f32_contiguous(scales, s);
   auto bf = as_f32_contiguous(biases, s);
   mx::Shape out_shape = x.shape();
@@ -149,13 +126,13 @@ void QuantizedMatmulCPU::eval_cpu(
   auto& scales = inputs[2];
   auto& biases = inputs[3];
   auto& out = outputs[0];
-  auto& enc = prepare_cpu_eval(stream(), inputs, out);
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {1, 2, 3});
 
   const int K = x.shape(-1);
   const int M = static_cast<int>(K > 0 ? x.size() / K : 0);
   const int N = w.shape(0);
   QMatmulArgs args{
-      x.data<float>(),
+      nullptr,
       w.data<uint32_t>(),
       scales.data<float>(),
       biases.data<float>(),
@@ -165,7 +142,11 @@ void QuantizedMatmulCPU::eval_cpu(
       K,
       group_size_,
       bits_};
-  enc.dispatch([args, mode = mode_]() { qmatmul(args, mode); });
+  enc.dispatch([args, x, mode = mode_]() mutable {
+    std::vector<float> scratch;
+    args.x = row_major_f32(x, scratch);
+    qmatmul(args, mode);
+  });
 }
 
 void QuantizedMatmulCPU::eval_gpu(
@@ -199,7 +180,9 @@ mx::array dequantize(
       {N, K},
       mx::float32,
       std::make_shared<DequantizeCPU>(s, group_size, bits),
-      {mx::contiguous(w, false, s),
+      {w.is_available() && w.flags().row_contiguous
+           ? w
+           : mx::contiguous(w, false, s),
        as_f32_contiguous(scales, s),
        as_f32_contiguous(biases, s)});
 }
@@ -211,7 +194,7 @@ void DequantizeCPU::eval_cpu(
   auto& scales = inputs[1];
   auto& biases = inputs[2];
   auto& out = outputs[0];
-  auto& enc = prepare_cpu_eval(stream(), inputs, out);
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {0, 1, 2});
   enc.dispatch([wp = w.data<uint32_t>(),
                 sp = scales.data<float>(),
                 bp = biases.data<float>(),

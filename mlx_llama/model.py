@@ -7,9 +7,20 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fused
 from .cache import make_cache
 from .config import ModelConfig
 from .rope import RoPE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float) -> None:
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -28,17 +39,19 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        # (B, L, heads, head_dim) throughout; the cache stores (B, kv_heads, T, head_dim).
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset)
-        k = self.rope(k, offset)
+        k = self.rope(k, offset).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # SDPA handles GQA itself: kv heads are shared by n_heads // n_kv_heads queries.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        # GQA: kv heads are shared by n_heads // n_kv_heads queries.
+        out = fused.attention(q, k, v, self.scale, mask)
+        return self.o_proj(out.reshape(B, L, -1))
 
 
 class MLP(nn.Module):
@@ -57,8 +70,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -70,7 +83,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Model(nn.Module):

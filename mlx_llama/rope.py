@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fused
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
     """Per-pair inverse frequencies (float64), as transformers computes them."""
@@ -31,11 +33,9 @@ class RoPE(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        self.head_dim = head_dim
         # mx.fast.rope takes periods (1 / inverse frequency); kept frozen, not a weight.
         self._freqs = mx.array((1.0 / inverse_frequencies(head_dim, theta, scaling)).astype(np.float32))
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
-        )
+        """Rotate x (B, L, heads, head_dim) for positions offset + l."""
+        return fused.rope(x, offset, self._freqs)

@@ -1,0 +1,80 @@
+// The prologue every eval_cpu of ours shares.
+#pragma once
+
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mlx_llama {
+
+namespace mx = mlx::core;
+
+// Allocates the outputs and registers every array with the stream's encoder
+// so MLX keeps them alive until the dispatched work runs. Inputs named in
+// `contiguous` (indices) must be row-contiguous: the graph builder made them
+// so.
+inline mx::cpu::CommandEncoder& prepare_cpu_eval(
+    const mx::Stream& stream,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    std::initializer_list<int> contiguous) {
+  for (int i : contiguous) {
+    if (!inputs[i].flags().row_contiguous) {
+      throw std::runtime_error(
+          "[mlx_llama] internal error: non-contiguous input");
+    }
+  }
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    enc.set_output_array(out);
+  }
+  return enc;
+}
+
+// `a` as float32 and row-contiguous, adding graph ops only when needed:
+// evaluated weights are usually both already.
+inline mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
+  mx::array b = a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s);
+  if (b.is_available() && b.flags().row_contiguous) {
+    return b;
+  }
+  return mx::contiguous(b, false, s);
+}
+
+// Pointer to `a`'s float32 elements in row-major order: the array's own data
+// when it is row-contiguous, else a copy in `scratch`. Lets primitives take
+// strided inputs (views) without a Contiguous op in the graph.
+inline const float* row_major_f32(const mx::array& a, std::vector<float>& scratch) {
+  if (a.flags().row_contiguous) {
+    return a.data<float>();
+  }
+  scratch.resize(a.size());
+  const int nd = a.ndim();
+  std::vector<int64_t> idx(nd, 0);
+  const float* base = a.data<float>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) {
+      off += idx[d] * a.strides()[d];
+    }
+    scratch[i] = base[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < a.shape(d)) {
+        break;
+      }
+      idx[d] = 0;
+    }
+  }
+  return scratch.data();
+}
+
+} // namespace mlx_llama

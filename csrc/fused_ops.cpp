@@ -1,0 +1,408 @@
+#include "fused_ops.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu_eval.h"
+#include "kernels.h"
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MLXL_X86 1
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace mlx_llama {
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Vector helpers: AVX2 versions and scalar twins with the same meaning.
+// ---------------------------------------------------------------------------
+
+#ifdef MLXL_X86
+TARGET_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+TARGET_AVX2 float dot_avx2(const float* a, const float* b, int n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+// y += a * x
+TARGET_AVX2 void axpy_avx2(float a, const float* x, float* y, int n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(
+        y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
+
+// e^x for x <= 0 (Cephes expf: range reduction to [-ln2/2, ln2/2] and a
+// degree-5 polynomial; ~1 ulp).
+TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(
+      x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// p[i] = exp(p[i] - m); returns the sum.
+TARGET_AVX2 float exp_sub_sum_avx2(float* p, int n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + i), mv));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) {
+    p[i] = std::exp(p[i] - m);
+    s += p[i];
+  }
+  return s;
+}
+#endif
+
+float dot_any(const float* a, const float* b, int n) {
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    return dot_avx2(a, b, n);
+  }
+#endif
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+void axpy_any(float a, const float* x, float* y, int n) {
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    axpy_avx2(a, x, y, n);
+    return;
+  }
+#endif
+  for (int i = 0; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
+
+float exp_sub_sum_any(float* p, int n, float m) {
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    return exp_sub_sum_avx2(p, n, m);
+  }
+#endif
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) {
+    p[i] = std::exp(p[i] - m);
+    s += p[i];
+  }
+  return s;
+}
+
+// Rows per pool task for row-wise ops: enough work to pay for a hand-off.
+constexpr int kRowsPerTask = 16;
+
+template <typename F>
+void for_rows(int rows, F&& f) {
+  if (rows <= kRowsPerTask) {
+    f(0, rows);
+    return;
+  }
+  const int n_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
+    f(t * kRowsPerTask, std::min(rows, (t + 1) * kRowsPerTask));
+  });
+}
+
+void check_float32_cpu(const mx::array& a, const char* what, const mx::Stream& s) {
+  if (s.device.type != mx::Device::cpu) {
+    throw std::invalid_argument(std::string("[mlx_llama.") + what +
+                                "] only CPU streams are supported; use mx.fast");
+  }
+  if (a.dtype() != mx::float32) {
+    throw std::invalid_argument(std::string("[mlx_llama.") + what +
+                                "] expects float32 inputs");
+  }
+}
+
+void no_gpu(const char* what) {
+  throw std::runtime_error(std::string("[mlx_llama.") + what +
+                           "] has no GPU implementation; use mx.fast");
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------
+
+mx::array rms_norm(
+    const mx::array& x,
+    const mx::array& weight,
+    float eps,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  check_float32_cpu(x, "rms_norm", s);
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument(
+        "[mlx_llama.rms_norm] weight must have shape (D,) for x of shape (..., D)");
+  }
+  return mx::array(
+      x.shape(),
+      mx::float32,
+      std::make_shared<RMSNormCPU>(s, eps),
+      {x, as_f32_contiguous(weight, s)});
+}
+
+void RMSNormCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {1});
+  enc.dispatch([x = inputs[0],
+                w = inputs[1].data<float>(),
+                y = outputs[0].data<float>(),
+                eps = eps_]() {
+    std::vector<float> scratch;
+    const float* xp = row_major_f32(x, scratch);
+    const int D = x.shape(-1);
+    const int rows = D > 0 ? static_cast<int>(x.size() / D) : 0;
+    for_rows(rows, [&](int r0, int r1) {
+      for (int r = r0; r < r1; ++r) {
+        const float* xr = xp + int64_t(r) * D;
+        float* yr = y + int64_t(r) * D;
+        const float ms = dot_any(xr, xr, D) / static_cast<float>(D);
+        const float inv = 1.f / std::sqrt(ms + eps);
+        for (int i = 0; i < D; ++i) {
+          yr[i] = xr[i] * inv * w[i];
+        }
+      }
+    });
+  });
+}
+
+void RMSNormCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("rms_norm");
+}
+
+bool RMSNormCPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const RMSNormCPU*>(&other);
+  return o && o->eps_ == eps_;
+}
+
+// ---------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------
+
+mx::array rope(
+    const mx::array& x,
+    int offset,
+    const mx::array& periods,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  check_float32_cpu(x, "rope", s);
+  if (x.ndim() != 4 || x.shape(-1) % 2 != 0 || periods.ndim() != 1 ||
+      periods.shape(0) * 2 != x.shape(-1)) {
+    throw std::invalid_argument(
+        "[mlx_llama.rope] x must be (B, L, H, D) with D even and periods (D/2,)");
+  }
+  return mx::array(
+      x.shape(),
+      mx::float32,
+      std::make_shared<RoPECPU>(s, offset),
+      {x, as_f32_contiguous(periods, s)});
+}
+
+void RoPECPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {1});
+  enc.dispatch([x = inputs[0],
+                periods = inputs[1].data<float>(),
+                y = outputs[0].data<float>(),
+                offset = offset_]() {
+    std::vector<float> scratch;
+    const float* xp = row_major_f32(x, scratch);
+    const int B = x.shape(0), L = x.shape(1), H = x.shape(2), D = x.shape(3);
+    const int half = D / 2;
+    // cos/sin per position and pair: the angle in float32 as MLX forms it,
+    // the trigonometry in double.
+    std::vector<float> cs(size_t(L) * D);
+    for (int l = 0; l < L; ++l) {
+      const float pos = static_cast<float>(offset + l);
+      for (int i = 0; i < half; ++i) {
+        const float ang = pos * (1.f / periods[i]);
+        cs[size_t(l) * D + i] = static_cast<float>(std::cos(double(ang)));
+        cs[size_t(l) * D + half + i] = static_cast<float>(std::sin(double(ang)));
+      }
+    }
+    for_rows(B * L, [&](int r0, int r1) {
+      for (int r = r0; r < r1; ++r) {
+        const float* c = cs.data() + size_t(r % L) * D;
+        const float* sn = c + half;
+        for (int h = 0; h < H; ++h) {
+          const float* xr = xp + (int64_t(r) * H + h) * D;
+          float* yr = y + (int64_t(r) * H + h) * D;
+          for (int i = 0; i < half; ++i) {
+            const float x1 = xr[i], x2 = xr[i + half];
+            yr[i] = x1 * c[i] - x2 * sn[i];
+            yr[i + half] = x1 * sn[i] + x2 * c[i];
+          }
+        }
+      }
+    });
+  });
+}
+
+void RoPECPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("rope");
+}
+
+bool RoPECPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const RoPECPU*>(&other);
+  return o && o->offset_ == offset_;
+}
+
+// ---------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------
+
+mx::array attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    float scale,
+    bool causal,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  for (auto* a : {&q, &k, &v}) {
+    check_float32_cpu(*a, "attention", s);
+    if (a->ndim() != 4) {
+      throw std::invalid_argument("[mlx_llama.attention] inputs must be 4-D");
+    }
+  }
+  const int B = q.shape(0), L = q.shape(1), H = q.shape(2), D = q.shape(3);
+  if (k.shape() != v.shape() || k.shape(0) != B || k.shape(3) != D ||
+      k.shape(1) < 1 || H % k.shape(1) != 0) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.attention] q (B, L, H, D) and k, v (B, Hkv, T, D) do not "
+           "match: q "
+        << q.shape() << ", k " << k.shape() << ", v " << v.shape();
+    throw std::invalid_argument(msg.str());
+  }
+  if (causal && k.shape(2) < L) {
+    throw std::invalid_argument(
+        "[mlx_llama.attention] causal attention needs at least L keys");
+  }
+  return mx::array(
+      {B, L, H, D},
+      mx::float32,
+      std::make_shared<AttentionCPU>(s, scale, causal),
+      {q, k, v});
+}
+
+void AttentionCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {});
+  enc.dispatch([q = inputs[0],
+                k = inputs[1],
+                v = inputs[2],
+                y = outputs[0].data<float>(),
+                scale = scale_,
+                causal = causal_]() {
+    std::vector<float> qs, ks, vs;
+    const float* qp = row_major_f32(q, qs);
+    // The cache hands views of its buffers: any strides along B, H and T,
+    // but D must be unit-stride to be read in place.
+    const bool kv_direct = k.strides()[3] == 1 && v.strides()[3] == 1;
+    const float* kp = kv_direct ? k.data<float>() : row_major_f32(k, ks);
+    const float* vp = kv_direct ? v.data<float>() : row_major_f32(v, vs);
+    auto strides = [&](const mx::array& a) -> std::array<int64_t, 3> {
+      if (kv_direct) {
+        return {a.strides()[0], a.strides()[1], a.strides()[2]};
+      }
+      return {int64_t(a.shape(1)) * a.shape(2) * a.shape(3),
+              int64_t(a.shape(2)) * a.shape(3),
+              a.shape(3)};
+    };
+    const auto kst = strides(k), vst = strides(v);
+    const int B = q.shape(0), L = q.shape(1), H = q.shape(2), D = q.shape(3);
+    const int Hkv = k.shape(1), T = k.shape(2);
+    const int group = H / Hkv;
+    ThreadPool::instance().parallel_for(B * H, [&](int task, int) {
+      const int b = task / H, h = task % H, kh = h / group;
+      const float* kb = kp + b * kst[0] + kh * kst[1];
+      const float* vb = vp + b * vst[0] + kh * vst[1];
+      std::vector<float> p(T);
+      for (int l = 0; l < L; ++l) {
+        const int n = causal ? T - L + l + 1 : T;
+        const float* qr = qp + ((int64_t(b) * L + l) * H + h) * D;
+        float* yr = y + ((int64_t(b) * L + l) * H + h) * D;
+        float m = -INFINITY;
+        for (int t = 0; t < n; ++t) {
+          p[t] = dot_any(qr, kb + t * kst[2], D) * scale;
+          m = std::max(m, p[t]);
+        }
+        const float inv = 1.f / exp_sub_sum_any(p.data(), n, m);
+        std::fill(yr, yr + D, 0.f);
+        for (int t = 0; t < n; ++t) {
+          axpy_any(p[t] * inv, vb + t * vst[2], yr, D);
+        }
+      }
+    });
+  });
+}
+
+void AttentionCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("attention");
+}
+
+bool AttentionCPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const AttentionCPU*>(&other);
+  return o && o->scale_ == scale_ && o->causal_ == causal_;
+}
+
+} // namespace mlx_llama

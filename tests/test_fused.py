@@ -1,0 +1,111 @@
+"""The extension's fused RMSNorm / RoPE / attention against mx.fast (MLX's own expansion).
+
+Tolerance: float32, 1e-5 relative to the largest reference value (measured
+~5e-7; RoPE takes its cos/sin in double, MLX in float32).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llama import fused, qmatmul
+from mlx_llama.loader import load_model
+from mlx_llama.rope import inverse_frequencies
+
+pytestmark = pytest.mark.skipif(qmatmul._ext is None, reason="extension not built")
+ext = qmatmul._ext
+RNG = np.random.default_rng(0)
+
+
+def close(a: mx.array, b: mx.array, rel: float = 1e-5) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rel * np.abs(b).max(), np.abs(a - b).max()
+
+
+def randn(*shape: int) -> mx.array:
+    return mx.array(RNG.standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 5, 200), (3, 2048)])
+def test_rms_norm(shape):
+    x, w = randn(*shape), randn(shape[-1])
+    close(ext.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+
+
+def test_rms_norm_strided_input():
+    x, w = randn(64, 6).T, randn(64)  # (6, 64), column-major
+    close(ext.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("L,offset", [(1, 0), (7, 0), (1, 1000), (3, 130_000)])
+def test_rope(L, offset):
+    periods = mx.array((1.0 / inverse_frequencies(64, 500000.0, None)).astype(np.float32))
+    x = randn(2, L, 4, 64)
+    ref = mx.fast.rope(x.transpose(0, 2, 1, 3), 64, traditional=False, base=None, scale=1.0,
+                       offset=offset, freqs=periods).transpose(0, 2, 1, 3)
+    close(ext.rope(x, offset, periods), ref)
+
+
+@pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False)])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
+    """k/v are slices of a larger (B, Hkv, capacity, D) buffer, as the KV cache hands them."""
+    q = randn(2, L, heads, 64)
+    kbuf, vbuf = randn(2, kv_heads, 48, 64), randn(2, kv_heads, 48, 64)
+    k, v = kbuf[:, :, :T, :], vbuf[:, :, :T, :]
+    ref = mx.fast.scaled_dot_product_attention(
+        q.transpose(0, 2, 1, 3), k, v, scale=0.125, mask="causal" if causal else None
+    ).transpose(0, 2, 1, 3)
+    close(ext.attention(q, k, v, scale=0.125, causal=causal), ref)
+
+
+def test_attention_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not match"):
+        ext.attention(randn(1, 1, 6, 64), randn(1, 4, 3, 64), randn(1, 4, 3, 64), scale=1.0, causal=False)
+
+
+def test_mlx_mode_uses_mx_fast_with_the_same_layout():
+    """With MLX_LLAMA_QMM=mlx the wrappers fall back to mx.fast; both paths agree."""
+    periods = mx.array(np.linspace(1.0, 1e4, 32, dtype=np.float32))
+    q, k, v, w = randn(1, 1, 8, 64), randn(1, 2, 9, 64), randn(1, 2, 9, 64), randn(64)
+    outs = {}
+    for mode in ("exact", "mlx"):
+        with qmatmul.using_mode(mode):
+            outs[mode] = (fused.rms_norm(q, w, 1e-5), fused.rope(q, 5, periods), fused.attention(q, k, v, 0.125, None))
+    for a, b in zip(outs["exact"], outs["mlx"]):
+        close(a, b)
+
+
+def test_scalar_path_in_subprocess():
+    """MLX_LLAMA_FORCE_SCALAR=1 (a CPU without AVX2) gives the same results."""
+    env = {**os.environ, "MLX_LLAMA_FORCE_SCALAR": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "not subprocess and not graph"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_decode_step_graph_is_small(make_checkpoint, exact_quantized_matmul, tmp_path: Path):
+    """A decode step has one node per norm, RoPE and attention: no mx.fast expansions, no Contiguous copies.
+
+    (MLX's CPU expansions made it ~140 per layer, and their bookkeeping was ~15 ms of
+    a 1B model's token.)
+    """
+    model = load_model(make_checkpoint(num_hidden_layers=4))
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[1, 2, 3]]), cache))
+    out = model(mx.array([[4]]), cache, last_only=True)
+    mx.export_to_dot(str(tmp_path / "g.dot"), out)
+    nodes = Counter(re.findall(r'label ="([^"]*)"', (tmp_path / "g.dot").read_text()))
+    assert nodes["MlxLlamaRMSNorm"] == 9 and nodes["MlxLlamaRoPE"] == 8 and nodes["MlxLlamaAttention"] == 4
+    expansions = ("Contiguous", "Softmax", "Cos", "Rsqrt", "Broadcast", "Concatenate")
+    assert not any(nodes[name] for name in expansions), nodes
