@@ -863,12 +863,7 @@ void qmatmul(const QMatmulArgs& a, Mode mode) {
     return;
   }
 #ifdef MLXL_X86
-  // 8-bit GEMV is memory-bound at one byte per weight: the fused float path
-  // is as fast as the int8 one (measured 11.8 vs 9.1 GB/s on 8192x2048) and
-  // exact, so Q8 mode uses it for M <= 4.
-  const bool q8_gemv_8bit = a.bits == 8 && a.M <= 4;
-  if (mode == Mode::Q8 && !q8_gemv_8bit &&
-      q8_supported(a.K, a.group_size, a.bits)) {
+  if (mode == Mode::Q8 && q8_supported(a.K, a.group_size, a.bits)) {
     qmatmul_q8(a);
     return;
   }

@@ -109,11 +109,6 @@ def test_q8_matches_its_model_and_error_bound(bits, g):
         what = sn * q + bn
         x64 = np.array(x, dtype=np.float64)
         y = np.array(ext.quantized_matmul(x, w, s, b, group_size=g, bits=bits, mode="q8"))
-        if bits == 8 and M <= 4:
-            # 8-bit GEMV takes the (as fast) exact float path in q8 mode.
-            e = np.array(ext.quantized_matmul(x, w, s, b, group_size=g, bits=bits, mode="exact"))
-            np.testing.assert_array_equal(y, e)
-            continue
         model = q8_model_np(x64, q, sn, bn, bits, g)
         assert np.all(np.abs(y - model) <= bound(x64, what)), (bits, g, M, N, K)
         exact = x64 @ what.T
