@@ -27,7 +27,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define MLXL_X86 1
 #include <immintrin.h>
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 #if defined(__aarch64__)
@@ -43,7 +43,8 @@ bool cpu_has_avx2() {
       return false;
     }
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c");
   }();
   return v;
 #else
@@ -55,6 +56,83 @@ namespace {
 
 inline int ceil_div(int a, int b) {
   return (a + b - 1) / b;
+}
+
+inline int scale_bytes(ScaleType t) {
+  return t == ScaleType::F32 ? 4 : 2;
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h >> 15) << 31;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ff;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(static_cast<float>(man), -24); // zero or subnormal
+  } else if (exp == 31) {
+    v = man ? NAN : INFINITY;
+  } else {
+    v = std::ldexp(static_cast<float>(man | 0x400), exp - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits |= sign;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+#ifdef MLXL_X86
+TARGET_AVX2 void half_params_avx2(const uint16_t* p, ScaleType t, int n, float* dst) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    const __m256 f = t == ScaleType::BF16
+        ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+        : _mm256_cvtph_ps(v);
+    _mm256_storeu_ps(dst + i, f);
+  }
+  for (; i < n; ++i) {
+    if (t == ScaleType::BF16) {
+      const uint32_t bits = uint32_t(p[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    } else {
+      dst[i] = half_to_float(p[i]);
+    }
+  }
+}
+#endif
+
+// n scales (or biases) from element `offset` of a row-major parameter array,
+// as float32: a pointer into the array itself when it is float32, else into
+// `buf` (conversion from bf16/f16 is exact).
+const float* params_f32(
+    const void* p,
+    ScaleType t,
+    int64_t offset,
+    int n,
+    std::vector<float>& buf) {
+  if (t == ScaleType::F32) {
+    return static_cast<const float*>(p) + offset;
+  }
+  if (buf.size() < size_t(n)) {
+    buf.resize(n);
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(p) + offset;
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    half_params_avx2(h, t, n, buf.data());
+    return buf.data();
+  }
+#endif
+  for (int i = 0; i < n; ++i) {
+    if (t == ScaleType::BF16) {
+      const uint32_t bits = uint32_t(h[i]) << 16;
+      std::memcpy(&buf[i], &bits, 4);
+    } else {
+      buf[i] = half_to_float(h[i]);
+    }
+  }
+  return buf.data();
 }
 
 // Value k of a packed row (little-endian bit stream), any bits in 1..8.
@@ -304,16 +382,20 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
   const int g = a.group_size;
   std::vector<float> buf(g);
   std::vector<float> acc(a.M);
+  std::vector<float> sbuf, bbuf;
 #ifdef MLXL_X86
   // Few rows of x: unpack on the fly (no round trip through buf).
   const FusedDot fused =
       (c.avx2 && g % 32 == 0 && a.M <= 4) ? fused_dot_for(a.bits) : nullptr;
   if (fused) {
+    const int pbytes = scale_bytes(a.stype);
     for (int n = n0; n < n1; ++n) {
       const uint8_t* row =
           reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
-      const float* s = a.scales + int64_t(n) * c.n_groups;
-      const float* b = a.biases + int64_t(n) * c.n_groups;
+      const float* s =
+          params_f32(a.scales, a.stype, int64_t(n) * c.n_groups, c.n_groups, sbuf);
+      const float* b =
+          params_f32(a.biases, a.stype, int64_t(n) * c.n_groups, c.n_groups, bbuf);
       // Rows are too short for the hardware prefetcher (see q8_tile): fetch
       // the row after next while this one is computed.
       for (int off = 0; off < c.row_bytes; off += 64) {
@@ -321,9 +403,10 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
             reinterpret_cast<const char*>(row) + 2 * c.row_bytes + off,
             _MM_HINT_T0);
       }
-      for (int off = 0; off < c.n_groups * 4; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(s + 2 * c.n_groups) + off, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 2 * c.n_groups) + off, _MM_HINT_T0);
+      const int64_t pnext = (int64_t(n) + 2) * c.n_groups * pbytes;
+      for (int off = 0; off < c.n_groups * pbytes; off += 64) {
+        _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
       }
       for (int m = 0; m < a.M; ++m) {
         a.y[int64_t(m) * a.N + n] = fused(
@@ -342,8 +425,10 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row =
         reinterpret_cast<const uint8_t*>(a.w) + int64_t(n) * c.row_bytes;
-    const float* s = a.scales + int64_t(n) * c.n_groups;
-    const float* b = a.biases + int64_t(n) * c.n_groups;
+    const float* s =
+        params_f32(a.scales, a.stype, int64_t(n) * c.n_groups, c.n_groups, sbuf);
+    const float* b =
+        params_f32(a.biases, a.stype, int64_t(n) * c.n_groups, c.n_groups, bbuf);
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int gi = 0; gi < c.n_groups; ++gi) {
       const int k0 = gi * g;
@@ -515,22 +600,58 @@ TARGET_AVX2 void quantize_row(
   }
 }
 
-// Weight scale per lane for chunk ch. RK = E / g when E > g, else 1.
-// cpg_shift = log2(g / E) when E <= g (group sizes and E are powers of two;
-// no integer division in the inner loop).
-template <int RK>
-TARGET_AVX2 inline __m256 lane_scales(const float* s, int ch, int cpg_shift) {
-  if constexpr (RK == 1) {
-    return _mm256_broadcast_ss(s + (ch >> cpg_shift));
-  } else if constexpr (RK == 2) {
-    __m128 v = _mm_castpd_ps(
-        _mm_load_sd(reinterpret_cast<const double*>(s + ch * 2)));
-    return _mm256_permutevar8x32_ps(
-        _mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+// Scale/bias loads from float32, bfloat16 or float16 storage (exact).
+template <ScaleType ST>
+TARGET_AVX2 inline float load1(const void* p, int64_t i) {
+  if constexpr (ST == ScaleType::F32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (ST == ScaleType::BF16) {
+    const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
   } else {
-    __m128 v = _mm_loadu_ps(s + ch * 4);
+    return _mm_cvtss_f32(
+        _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<const uint16_t*>(p)[i])));
+  }
+}
+
+// n <= 8 values from element i into the low lanes of a vector, zeros above.
+template <ScaleType ST>
+TARGET_AVX2 inline __m256 load_n(const void* p, int64_t i, int n) {
+  if (n == 8) {
+    if constexpr (ST == ScaleType::F32) {
+      return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    } else {
+      const __m128i v = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      if constexpr (ST == ScaleType::BF16) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+      } else {
+        return _mm256_cvtph_ps(v);
+      }
+    }
+  }
+  alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int k = 0; k < n; ++k) {
+    tmp[k] = load1<ST>(p, i + k);
+  }
+  return _mm256_load_ps(tmp);
+}
+
+// Weight scale per lane for chunk ch of the row whose scales start at element
+// `row`. RK = E / g when E > g, else 1. cpg_shift = log2(g / E) when E <= g
+// (group sizes and E are powers of two: no integer division in the inner loop).
+template <int RK, ScaleType ST>
+TARGET_AVX2 inline __m256 lane_scales(const void* s, int64_t row, int ch, int cpg_shift) {
+  if constexpr (RK == 1) {
+    return _mm256_set1_ps(load1<ST>(s, row + (ch >> cpg_shift)));
+  } else if constexpr (RK == 2) {
     return _mm256_permutevar8x32_ps(
-        _mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        load_n<ST>(s, row + ch * 2, 2), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else {
+    return _mm256_permutevar8x32_ps(
+        load_n<ST>(s, row + ch * 4, 4), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
   }
 }
 
@@ -543,35 +664,26 @@ TARGET_AVX2 inline __m256 lane_scales(const float* s, int ch, int cpg_shift) {
 //      sum_g b_g * xsum_g + c * s_g * (xsum_g - xdqsum_g)
 //    which moves c * sum(x - x_dq) of the activation rounding error back to
 //    exact values (about halves the error of the int8 path).
-template <int BITS>
+template <int BITS, ScaleType ST>
 TARGET_AVX2 inline __m256 bias_vec(
-    const float* b,
-    const float* s,
+    const void* b,
+    const void* s,
+    int64_t row,
     const float* xsum,
     const float* xdq,
     int ng) {
   const __m256 cv = _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
   __m256 acc = _mm256_setzero_ps();
   for (int i = 0; i < ng; i += 8) {
-    __m256 sv, bv, xv, qv;
-    if (i + 8 <= ng) {
-      sv = _mm256_loadu_ps(s + i);
-      bv = _mm256_loadu_ps(b + i);
-      xv = _mm256_loadu_ps(xsum + i);
-      qv = _mm256_loadu_ps(xdq + i);
-    } else {
-      // Tail (fewer than 8 groups): masked loads read zeros past the end.
-      const __m256i m = _mm256_cmpgt_epi32(
-          _mm256_set1_epi32(ng - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      sv = _mm256_maskload_ps(s + i, m);
-      bv = _mm256_maskload_ps(b + i, m);
-      xv = _mm256_maskload_ps(xsum + i, m);
-      qv = _mm256_maskload_ps(xdq + i, m);
-    }
+    // The tail (fewer than 8 groups) reads zeros past the end.
+    const int n = std::min(8, ng - i);
+    const __m256 sv = load_n<ST>(s, row + i, n);
+    const __m256 bv = load_n<ST>(b, row + i, n);
+    const __m256 xv = load_n<ScaleType::F32>(xsum, i, n);
     if constexpr (BITS == 8) {
-      (void)qv;
       acc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, cv, bv), xv, acc);
     } else {
+      const __m256 qv = load_n<ScaleType::F32>(xdq, i, n);
       acc = _mm256_fmadd_ps(bv, xv, acc);
       acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, cv), _mm256_sub_ps(xv, qv), acc);
     }
@@ -588,7 +700,7 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 }
 
 // R weight rows x C activation rows over the whole K.
-template <int BITS, int RK, int R, int C>
+template <int BITS, int RK, int R, int C, ScaleType ST>
 TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
@@ -596,11 +708,11 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const int ng = c.n_groups;
   const int cpg_shift = RK == 1 ? __builtin_ctz(a.group_size / E) : 0;
   const uint8_t* wr[R];
-  const float* sr[R];
+  int64_t sr[R]; // first scale/bias element of each row
   for (int r = 0; r < R; ++r) {
     wr[r] = reinterpret_cast<const uint8_t*>(a.w) +
         int64_t(n0 + r) * c.row_bytes;
-    sr[r] = a.scales + int64_t(n0 + r) * ng;
+    sr[r] = int64_t(n0 + r) * ng;
   }
   const int8_t* xr[C];
   const float* xsr[C];
@@ -623,12 +735,12 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   // to R interleaved streams. Walk the next tile's block linearly instead, at
   // the rate this tile is consumed (R * 32 bytes per chunk).
   const char* pf = reinterpret_cast<const char*>(wr[0]) + R * c.row_bytes;
-  // ... and the next tile's scales and biases (R * ng floats each).
-  for (int off = 0; off < R * ng * 4; off += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(sr[0] + R * ng) + off, _MM_HINT_T0);
-    _mm_prefetch(
-        reinterpret_cast<const char*>(a.biases + int64_t(n0 + R) * ng) + off,
-        _MM_HINT_T0);
+  // ... and the next tile's scales and biases (R * ng values each).
+  constexpr int pbytes = ST == ScaleType::F32 ? 4 : 2;
+  const int64_t pnext = int64_t(n0 + R) * ng * pbytes;
+  for (int off = 0; off < R * ng * pbytes; off += 64) {
+    _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
   }
   for (int ch = 0; ch < n_chunks; ++ch) {
     for (int off = 0; off < R * 32; off += 64) {
@@ -637,7 +749,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
-      const __m256 wsv = lane_scales<RK>(sr[r], ch, cpg_shift);
+      const __m256 wsv = lane_scales<RK, ST>(a.scales, sr[r], ch, cpg_shift);
       if constexpr (BITS == 8) {
         const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
         const __m256i qa = _mm256_sign_epi8(qs, qs); // |q - 128|
@@ -684,7 +796,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
     for (int r = 0; r < R; ++r) {
       t[r] = _mm256_add_ps(
           acc[r][j],
-          bias_vec<BITS>(a.biases + int64_t(n0 + r) * ng, sr[r], xsum, xdq, ng));
+          bias_vec<BITS, ST>(a.biases, a.scales, sr[r], xsum, xdq, ng));
     }
     float* y = a.y + int64_t(m0 + j) * a.N + n0;
     for (int r = 0; r < R; r += 4) {
@@ -712,27 +824,28 @@ struct TileSet {
   int wide_rows[4];
 };
 
-template <int BITS, int RK>
+template <int BITS, int RK, ScaleType ST>
 TileSet make_tiles() {
   return TileSet{
-      {q8_tile<BITS, RK, 4, 1>,
-       q8_tile<BITS, RK, 4, 2>,
-       q8_tile<BITS, RK, 2, 3>,
-       q8_tile<BITS, RK, 2, 4>},
-      {q8_tile<BITS, RK, 1, 1>,
-       q8_tile<BITS, RK, 1, 2>,
-       q8_tile<BITS, RK, 1, 3>,
-       q8_tile<BITS, RK, 1, 4>},
+      {q8_tile<BITS, RK, 4, 1, ST>,
+       q8_tile<BITS, RK, 4, 2, ST>,
+       q8_tile<BITS, RK, 2, 3, ST>,
+       q8_tile<BITS, RK, 2, 4, ST>},
+      {q8_tile<BITS, RK, 1, 1, ST>,
+       q8_tile<BITS, RK, 1, 2, ST>,
+       q8_tile<BITS, RK, 1, 3, ST>,
+       q8_tile<BITS, RK, 1, 4, ST>},
       {4, 4, 2, 2}};
 }
 
-const TileSet* tiles_for(int bits, int g) {
-  static const TileSet t8 = make_tiles<8, 1>();
-  static const TileSet t4_1 = make_tiles<4, 1>();
-  static const TileSet t4_2 = make_tiles<4, 2>();
-  static const TileSet t2_1 = make_tiles<2, 1>();
-  static const TileSet t2_2 = make_tiles<2, 2>();
-  static const TileSet t2_4 = make_tiles<2, 4>();
+template <ScaleType ST>
+const TileSet* tiles_for_type(int bits, int g) {
+  static const TileSet t8 = make_tiles<8, 1, ST>();
+  static const TileSet t4_1 = make_tiles<4, 1, ST>();
+  static const TileSet t4_2 = make_tiles<4, 2, ST>();
+  static const TileSet t2_1 = make_tiles<2, 1, ST>();
+  static const TileSet t2_2 = make_tiles<2, 2, ST>();
+  static const TileSet t2_4 = make_tiles<2, 4, ST>();
   const int E = 256 / bits;
   const int rk = E > g ? E / g : 1;
   switch (bits) {
@@ -747,6 +860,17 @@ const TileSet* tiles_for(int bits, int g) {
   }
 }
 
+const TileSet* tiles_for(int bits, int g, ScaleType t) {
+  switch (t) {
+    case ScaleType::BF16:
+      return tiles_for_type<ScaleType::BF16>(bits, g);
+    case ScaleType::F16:
+      return tiles_for_type<ScaleType::F16>(bits, g);
+    default:
+      return tiles_for_type<ScaleType::F32>(bits, g);
+  }
+}
+
 constexpr int kQ8RowsPerTask = 32; // weight rows per task
 constexpr int kQ8ColsPerTask = 64; // activation rows per task
 
@@ -754,7 +878,7 @@ void qmatmul_q8(const QMatmulArgs& a) {
   const int E = 256 / a.bits;
   const int ng = a.K / a.group_size;
   const int n_chunks = a.K / E;
-  const TileSet* ts = tiles_for(a.bits, a.group_size);
+  const TileSet* ts = tiles_for(a.bits, a.group_size, a.stype);
 
   // Scratch: quantized x (32-byte aligned rows; K is a multiple of 32).
   struct Scratch {
@@ -874,8 +998,9 @@ void qmatmul(const QMatmulArgs& a, Mode mode) {
 
 void dequantize_rows(
     const uint32_t* w,
-    const float* scales,
-    const float* biases,
+    const void* scales,
+    const void* biases,
+    ScaleType stype,
     float* out,
     int N,
     int K,
@@ -888,10 +1013,13 @@ void dequantize_rows(
   ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
     const int n0 = t * kRowsPerTask;
     const int n1 = std::min(N, n0 + kRowsPerTask);
+    std::vector<float> sbuf, bbuf;
     for (int n = n0; n < n1; ++n) {
       const uint8_t* row =
           reinterpret_cast<const uint8_t*>(w) + int64_t(n) * row_bytes;
       float* o = out + int64_t(n) * K;
+      const float* sr = params_f32(scales, stype, int64_t(n) * ng, ng, sbuf);
+      const float* br = params_f32(biases, stype, int64_t(n) * ng, ng, bbuf);
       for (int gi = 0; gi < ng; ++gi) {
         const int k0 = gi * group_size;
 #ifdef MLXL_X86
@@ -902,8 +1030,8 @@ void dequantize_rows(
         {
           unpack_group_scalar(row, k0, group_size, bits, o + k0);
         }
-        const float s = scales[int64_t(n) * ng + gi];
-        const float b = biases[int64_t(n) * ng + gi];
+        const float s = sr[gi];
+        const float b = br[gi];
         for (int i = 0; i < group_size; ++i) {
           o[k0 + i] = s * o[k0 + i] + b;
         }

@@ -2,8 +2,8 @@
 // quantization format:
 //   w:       N x (K * bits / 32) uint32, values packed little-endian as one
 //            continuous bit stream per row (value k at bit k * bits)
-//   scales:  N x (K / group_size) float32
-//   biases:  N x (K / group_size) float32
+//   scales:  N x (K / group_size) float32, bfloat16 or float16
+//   biases:  N x (K / group_size), the same type as scales
 //   w_hat[n, k] = scales[n, k / g] * q[n, k] + biases[n, k / g]
 // x is M x K float32 (row-major), y is M x N float32.
 #pragma once
@@ -21,11 +21,17 @@ enum class Mode : int {
   Q8 = 1,
 };
 
+// Storage type of scales and biases. Checkpoints store them in bf16/f16:
+// reading them as such saves half a bit per weight of memory traffic (10% of
+// a 4-bit GEMV) and converts exactly to float32.
+enum class ScaleType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
 struct QMatmulArgs {
   const float* x;
   const uint32_t* w;
-  const float* scales;
-  const float* biases;
+  const void* scales;
+  const void* biases;
+  ScaleType stype;
   float* y;
   int M;
   int N;
@@ -43,8 +49,9 @@ void qmatmul(const QMatmulArgs& a, Mode mode);
 // out: N x K float32
 void dequantize_rows(
     const uint32_t* w,
-    const float* scales,
-    const float* biases,
+    const void* scales,
+    const void* biases,
+    ScaleType stype,
     float* out,
     int N,
     int K,

@@ -61,6 +61,33 @@ std::pair<int, int> check_weights(
   return {N, K};
 }
 
+// Scales and biases as the kernels read them: kept in float32, bfloat16 or
+// float16 when both share one of those types (checkpoints store bf16/f16, and
+// reading them as such saves memory traffic), else cast to float32.
+std::pair<mx::array, mx::array> scale_params(
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::Stream& s) {
+  const mx::Dtype t = scales.dtype();
+  if (t == biases.dtype() &&
+      (t == mx::float32 || t == mx::bfloat16 || t == mx::float16)) {
+    auto keep = [&](const mx::array& a) {
+      return a.is_available() && a.flags().row_contiguous
+          ? a
+          : mx::contiguous(a, false, s);
+    };
+    return {keep(scales), keep(biases)};
+  }
+  return {as_f32_contiguous(scales, s), as_f32_contiguous(biases, s)};
+}
+
+ScaleType scale_type(const mx::array& a) {
+  if (a.dtype() == mx::bfloat16) {
+    return ScaleType::BF16;
+  }
+  return a.dtype() == mx::float16 ? ScaleType::F16 : ScaleType::F32;
+}
+
 } // namespace
 
 mx::array quantized_matmul(
@@ -96,8 +123,7 @@ mx::array quantized_matmul(
   auto wc = w.is_available() && w.flags().row_contiguous
       ? w
       : mx::contiguous(w, false, s);
-  auto sf = as_f32_contiguous(scales, s);
-  auto bf = as_f32_contiguous(biases, s);
+  auto [sf, bf] = scale_params(scales, biases, s);
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
   auto out = mx::array(
@@ -134,8 +160,9 @@ void QuantizedMatmulCPU::eval_cpu(
   QMatmulArgs args{
       nullptr,
       w.data<uint32_t>(),
-      scales.data<float>(),
-      biases.data<float>(),
+      scales.data<void>(),
+      biases.data<void>(),
+      scale_type(scales),
       out.data<float>(),
       M,
       N,
@@ -176,6 +203,7 @@ mx::array dequantize(
         "[mlx_llama.dequantize] only CPU streams are supported");
   }
   auto [N, K] = check_weights(w, scales, biases, group_size, bits);
+  auto [sf, bf] = scale_params(scales, biases, s);
   return mx::array(
       {N, K},
       mx::float32,
@@ -183,8 +211,8 @@ mx::array dequantize(
       {w.is_available() && w.flags().row_contiguous
            ? w
            : mx::contiguous(w, false, s),
-       as_f32_contiguous(scales, s),
-       as_f32_contiguous(biases, s)});
+       sf,
+       bf});
 }
 
 void DequantizeCPU::eval_cpu(
@@ -196,13 +224,14 @@ void DequantizeCPU::eval_cpu(
   auto& out = outputs[0];
   auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {0, 1, 2});
   enc.dispatch([wp = w.data<uint32_t>(),
-                sp = scales.data<float>(),
-                bp = biases.data<float>(),
+                sp = scales.data<void>(),
+                bp = biases.data<void>(),
+                st = scale_type(scales),
                 op = out.data<float>(),
                 N = out.shape(0),
                 K = out.shape(1),
                 g = group_size_,
-                b = bits_]() { dequantize_rows(wp, sp, bp, op, N, K, g, b); });
+                b = bits_]() { dequantize_rows(wp, sp, bp, st, op, N, K, g, b); });
 }
 
 void DequantizeCPU::eval_gpu(

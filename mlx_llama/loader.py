@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import qmatmul
 from .config import ModelConfig, read_optional_json
 from .errors import MlxLlamaError
 from .model import Model
@@ -83,11 +84,20 @@ def load_model(path: str | Path, dtype: str | None = None) -> Model:
     model = Model(cfg)
     if any(k.endswith(".scales") for k in weights):
         _quantize_layers(model, cfg, weights)
-    # Packed quantized weights stay uint32; every floating tensor takes the compute dtype.
+    # Packed quantized weights stay uint32; every floating tensor takes the compute
+    # dtype, except half-precision scales/biases our CPU kernels read as they are
+    # (exact, and half a bit per weight less memory traffic than float32).
     target = DTYPES[dtype]
-    weights = {
-        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-    }
+    keep_half = target == mx.float32 and qmatmul.reads_half_scales()
+
+    def cast(k: str, v: mx.array) -> mx.array:
+        if not mx.issubdtype(v.dtype, mx.floating):
+            return v
+        if keep_half and k.endswith((".scales", ".biases")) and v.dtype in (mx.bfloat16, mx.float16):
+            return v
+        return v.astype(target)
+
+    weights = {k: cast(k, v) for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -118,6 +118,10 @@ class Model(nn.Module):
         `hidden_states`, when given, receives the embeddings and each layer's output.
         """
         h = self.model.embed_tokens(tokens)
+        if h.dtype != self.model.norm.weight.dtype:
+            # A quantized embedding dequantizes to its scales' dtype (bf16 kept for the
+            # CPU kernels); activations take the compute dtype, which the norms hold.
+            h = h.astype(self.model.norm.weight.dtype)
         L = tokens.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)

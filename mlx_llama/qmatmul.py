@@ -128,6 +128,15 @@ def backend_name() -> str:
     return f"mlx-llama {_ext.isa()} kernels, {kind}, {_ext.num_threads()} threads"
 
 
+def reads_half_scales() -> bool:
+    """Whether quantized layers may keep bf16/f16 scales and biases next to float32 activations.
+
+    Our CPU kernels read them as stored (converting exactly); other paths cast
+    them per call.
+    """
+    return _ext is not None and mx.default_device() == mx.cpu
+
+
 def _use_ext(mode: str) -> bool:
     if mode == "mlx":
         return False
@@ -157,6 +166,8 @@ def quantized_matmul(
             y = mx.matmul(x.astype(mx.float32), wf.T)
             return y.astype(x.dtype)
         return _ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    if scales.dtype != x.dtype:  # half-precision scales kept for our kernels (see reads_half_scales)
+        scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 

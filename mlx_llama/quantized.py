@@ -97,10 +97,13 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.dims}, group_size={self.group_size}, bits={self.bits}"
 
     def __call__(self, x: mx.array) -> mx.array:
+        # In float32 whatever the scales' dtype (bf16 scales are kept for the CPU
+        # kernels): only the looked-up rows are widened; the model casts the
+        # result to its compute dtype.
         return mx.dequantize(
             self["weight"][x],
-            scales=self["scales"][x],
-            biases=self["biases"][x],
+            scales=self["scales"][x].astype(mx.float32),
+            biases=self["biases"][x].astype(mx.float32),
             group_size=self.group_size,
             bits=self.bits,
         )

@@ -116,6 +116,25 @@ def test_q8_matches_its_model_and_error_bound(bits, g):
         assert rel < 0.015, rel
 
 
+@pytest.mark.parametrize("dtype", ("bfloat16", "float16"))
+@pytest.mark.parametrize("bits", (3, 4, 8))
+def test_half_precision_scales_are_read_exactly(dtype, bits):
+    """bf16/f16 scales and biases (as checkpoints store them) give bit-identical results to their float32 values."""
+    rng = np.random.default_rng(bits)
+    x, w, s, b = make_case(rng, 5, 37, 256, bits, 64)
+    sh, bh = s.astype(getattr(mx, dtype)), b.astype(getattr(mx, dtype))
+    sf, bf = sh.astype(mx.float32), bh.astype(mx.float32)
+    for M in (1, 5):
+        for mode in ("q8", "exact"):
+            y_half = ext.quantized_matmul(x[:M], w, sh, bh, group_size=64, bits=bits, mode=mode)
+            y_f32 = ext.quantized_matmul(x[:M], w, sf, bf, group_size=64, bits=bits, mode=mode)
+            np.testing.assert_array_equal(np.array(y_half), np.array(y_f32))
+    np.testing.assert_array_equal(
+        np.array(ext.dequantize(w, sh, bh, group_size=64, bits=bits)),
+        np.array(ext.dequantize(w, sf, bf, group_size=64, bits=bits)),
+    )
+
+
 def test_other_bits_fall_back_to_exact_in_q8_mode():
     rng = np.random.default_rng(1)
     x, w, s, b = make_case(rng, 3, 19, 256, 6, 64)
@@ -260,6 +279,29 @@ def test_greedy_tokens_match_mlx(make_checkpoint, tmp_path, bits):
         qmatmul.set_mode(saved)
 
 
+def test_half_precision_scales_stay_half_on_load(make_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint's bf16 scales/biases are kept (not widened to float32) and give the same logits."""
+    from mlx_llama.loader import load_model
+
+    qdir = _quantized_dir(make_checkpoint, tmp_path, 4, 64)
+    f = qdir / "model.safetensors"
+    params = mx.load(str(f))
+    half = {k: v.astype(mx.bfloat16) if k.endswith((".scales", ".biases")) else v for k, v in params.items()}
+    mx.save_safetensors(str(f), half)
+    kept = load_model(qdir, dtype="float32")
+    assert kept.layers[0].mlp.down_proj.scales.dtype == mx.bfloat16
+    assert kept.model.embed_tokens.biases.dtype == mx.bfloat16
+    monkeypatch.setattr(qmatmul, "reads_half_scales", lambda: False)
+    widened = load_model(qdir, dtype="float32")
+    assert widened.layers[0].mlp.down_proj.scales.dtype == mx.float32
+    tokens = mx.array([[1, 17, 33, 5, 200]])
+    for mode in ("exact", "q8", "mlx"):
+        with qmatmul.using_mode(mode):
+            a, b = kept(tokens), widened(tokens)
+            assert a.dtype == mx.float32
+            np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=mode)
+
+
 def test_mode_from_environment_at_call_time(monkeypatch):
     rng = np.random.default_rng(9)
     x, w, s, b = make_case(rng, 2, 16, 128, 4, 64)
@@ -290,9 +332,12 @@ for bits in (3, 4, 8):
     x = mx.array(rng.standard_normal((3, 256)).astype(np.float32))
     w, s, b = mx.quantize(mx.array(rng.standard_normal((21, 256)).astype(np.float32)), group_size=64, bits=bits)
     assert not ext.q8_supported(256, 64, bits)
+    half = mx.float16 if bits == 4 else mx.bfloat16  # the scalar half -> float conversions
+    s, b = s.astype(half), b.astype(half)
     for mode in ("q8", "exact"):
         y = np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode))
-        ref = np.array(x, dtype=np.float64) @ np.array(mx.dequantize(w, s, b, group_size=64, bits=bits), dtype=np.float64).T
+        sf, bf = s.astype(mx.float32), b.astype(mx.float32)
+        ref = np.array(x, dtype=np.float64) @ np.array(mx.dequantize(w, sf, bf, group_size=64, bits=bits), dtype=np.float64).T
         assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (bits, mode)
 print("ok")
 """
