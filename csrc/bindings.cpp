@@ -104,6 +104,14 @@ NB_MODULE(_qmm_ext, m) {
       "stream"_a = nb::none(),
       "Half-split RoPE of x (B, L, H, D) at positions offset + l, one graph node.");
   m.def(
+      "swiglu",
+      &mlx_llama::swiglu,
+      "gate"_a,
+      "up"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "silu(gate) * up on the CPU, one graph node.");
+  m.def(
       "attention",
       &mlx_llama::attention,
       "q"_a,

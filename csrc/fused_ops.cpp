@@ -64,10 +64,11 @@ TARGET_AVX2 void axpy_avx2(float a, const float* x, float* y, int n) {
   }
 }
 
-// e^x for x <= 0 (Cephes expf: range reduction to [-ln2/2, ln2/2] and a
-// degree-5 polynomial; ~1 ulp).
+// e^x (Cephes expf: range reduction to [-ln2/2, ln2/2] and a degree-5
+// polynomial; ~1 ulp), x clamped to [-87.3, 88.3]: no overflow to inf, and
+// tiny results instead of denormals.
 TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(
       x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -101,7 +102,36 @@ TARGET_AVX2 float exp_sub_sum_avx2(float* p, int n, float m) {
   }
   return s;
 }
+
+// y = silu(g) * u = g * u / (1 + e^-g)
+TARGET_AVX2 void swiglu_avx2(const float* g, const float* u, float* y, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_avx2(_mm256_xor_ps(gv, sign));
+    _mm256_storeu_ps(
+        y + i,
+        _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + i)), _mm256_add_ps(one, e)));
+  }
+  for (; i < n; ++i) {
+    y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
+  }
+}
 #endif
+
+void swiglu_any(const float* g, const float* u, float* y, int64_t n) {
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    swiglu_avx2(g, u, y, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
+  }
+}
 
 float dot_any(const float* a, const float* b, int n) {
 #ifdef MLXL_X86
@@ -303,6 +333,49 @@ void RoPECPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
 bool RoPECPU::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const RoPECPU*>(&other);
   return o && o->offset_ == offset_;
+}
+
+// ---------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------
+
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  check_float32_cpu(gate, "swiglu", s);
+  check_float32_cpu(up, "swiglu", s);
+  if (gate.shape() != up.shape()) {
+    throw std::invalid_argument("[mlx_llama.swiglu] gate and up must have the same shape");
+  }
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLUCPU>(s), {gate, up});
+}
+
+void SwiGLUCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {});
+  enc.dispatch([g = inputs[0], u = inputs[1], y = outputs[0].data<float>()]() {
+    std::vector<float> gs, us;
+    const float* gp = row_major_f32(g, gs);
+    const float* up = row_major_f32(u, us);
+    // Elements per task: a hand-off to the pool costs about as much as
+    // computing a few thousand.
+    constexpr int64_t kChunk = 1 << 14;
+    const int64_t n = static_cast<int64_t>(g.size());
+    const int n_tasks = static_cast<int>((n + kChunk - 1) / kChunk);
+    auto run = [&](int t, int) {
+      const int64_t i0 = t * kChunk;
+      swiglu_any(gp + i0, up + i0, y + i0, std::min(kChunk, n - i0));
+    };
+    if (n_tasks <= 1) {
+      run(0, 0);
+    } else {
+      ThreadPool::instance().parallel_for(n_tasks, run);
+    }
+  });
+}
+
+void SwiGLUCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("swiglu");
 }
 
 // ---------------------------------------------------------------------------

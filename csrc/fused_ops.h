@@ -1,7 +1,8 @@
-// RMSNorm, RoPE and attention as one MLX primitive each on the CPU.
+// RMSNorm, RoPE, SwiGLU and attention as one MLX primitive each on the CPU.
 //
 // MLX's CPU backend has no kernels for mx.fast.rms_norm / rope /
-// scaled_dot_product_attention: it expands them into 11, 27 and 12 small ops.
+// scaled_dot_product_attention: it expands them into 11, 27 and 12 small ops;
+// its compiled SiLU calls libm's exp and fma per element.
 // A LLaMA decode step then has ~2300 graph nodes, and their per-node cost
 // (graph building, scheduling, allocation) is ~15 ms of a 1B model's token.
 // These primitives do each in one node. CPU streams only: callers use mx.fast
@@ -30,6 +31,9 @@ mx::array rope(
     int offset,
     const mx::array& periods,
     mx::StreamOrDevice s = {});
+
+// silu(gate) * up, elementwise in float32.
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 
 // softmax(q k^T * scale) v for q: (B, L, H, D) and k, v: (B, Hkv, T, D)
 // (any strides; H a multiple of Hkv). causal: query l sees keys
@@ -70,6 +74,20 @@ class RoPECPU : public mx::Primitive {
 
  private:
   int offset_;
+};
+
+class SwiGLUCPU : public mx::Primitive {
+ public:
+  explicit SwiGLUCPU(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  const char* name() const override {
+    return "MlxLlamaSwiGLU";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const SwiGLUCPU*>(&other) != nullptr;
+  }
 };
 
 class AttentionCPU : public mx::Primitive {

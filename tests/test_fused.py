@@ -1,4 +1,4 @@
-"""The extension's fused RMSNorm / RoPE / attention against mx.fast (MLX's own expansion).
+"""The extension's fused RMSNorm / RoPE / SwiGLU / attention against mx.fast and mlx.nn.
 
 Tolerance: float32, 1e-5 relative to the largest reference value (measured
 ~5e-7; RoPE takes its cos/sin in double, MLX in float32).
@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -56,6 +57,13 @@ def test_rope(L, offset):
     close(ext.rope(x, offset, periods), ref)
 
 
+@pytest.mark.parametrize("n", (7, 4096, 3 * 16384 + 5))
+def test_swiglu(n):
+    gate, up = randn(n) * 6, randn(n)  # covers e^-g far out in both tails
+    gate = mx.concatenate([gate[:-3], mx.array([-200.0, 200.0, 0.0])])
+    close(ext.swiglu(gate, up), nn.silu(gate) * up)
+
+
 @pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False)])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
 def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
@@ -81,7 +89,8 @@ def test_mlx_mode_uses_mx_fast_with_the_same_layout():
     outs = {}
     for mode in ("exact", "mlx"):
         with qmatmul.using_mode(mode):
-            outs[mode] = (fused.rms_norm(q, w, 1e-5), fused.rope(q, 5, periods), fused.attention(q, k, v, 0.125, None))
+            outs[mode] = (fused.rms_norm(q, w, 1e-5), fused.rope(q, 5, periods), fused.attention(q, k, v, 0.125, None),
+                          fused.swiglu(q, q * 2))
     for a, b in zip(outs["exact"], outs["mlx"]):
         close(a, b)
 
@@ -107,5 +116,6 @@ def test_decode_step_graph_is_small(make_checkpoint, exact_quantized_matmul, tmp
     mx.export_to_dot(str(tmp_path / "g.dot"), out)
     nodes = Counter(re.findall(r'label ="([^"]*)"', (tmp_path / "g.dot").read_text()))
     assert nodes["MlxLlamaRMSNorm"] == 9 and nodes["MlxLlamaRoPE"] == 8 and nodes["MlxLlamaAttention"] == 4
-    expansions = ("Contiguous", "Softmax", "Cos", "Rsqrt", "Broadcast", "Concatenate")
+    assert nodes["MlxLlamaSwiGLU"] == 4
+    expansions = ("Contiguous", "Softmax", "Cos", "Rsqrt", "Broadcast", "Concatenate", "Sigmoid")
     assert not any(nodes[name] for name in expansions), nodes
