@@ -155,12 +155,12 @@ def setup() -> BlasInfo:
 
 
 def _bind_openblas() -> BlasInfo:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library starts
     try:
         import scipy_openblas32
     except ImportError:
         raise RuntimeError("the scipy-openblas32 package is not installed") from None
     lib_path = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library starts
     openblas = ctypes.CDLL(str(lib_path), mode=ctypes.RTLD_GLOBAL)
 
     import mlx.core  # noqa: F401  (loads libmlx.so, whose slots we rebind)
