@@ -699,9 +699,16 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// R weight rows x C activation rows over the whole K.
+// R weight rows x C activation rows over the whole K. Scales and biases of
+// row r start at element row0 + r * ng of sp / bp, stored as ST.
 template <int BITS, int RK, int R, int C, ScaleType ST>
-TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+TARGET_AVX2 void q8_tile_body(
+    const Q8Ctx& c,
+    int n0,
+    int m0,
+    const void* sp,
+    const void* bp,
+    int64_t row0) {
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
   const QMatmulArgs& a = *c.a;
@@ -712,7 +719,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   for (int r = 0; r < R; ++r) {
     wr[r] = reinterpret_cast<const uint8_t*>(a.w) +
         int64_t(n0 + r) * c.row_bytes;
-    sr[r] = int64_t(n0 + r) * ng;
+    sr[r] = row0 + int64_t(r) * ng;
   }
   const int8_t* xr[C];
   const float* xsr[C];
@@ -736,7 +743,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   // the rate this tile is consumed (R * 32 bytes per chunk).
   const char* pf = reinterpret_cast<const char*>(wr[0]) + R * c.row_bytes;
   // ... and the next tile's scales and biases (R * ng values each).
-  constexpr int pbytes = ST == ScaleType::F32 ? 4 : 2;
+  const int pbytes = scale_bytes(a.stype);
   const int64_t pnext = int64_t(n0 + R) * ng * pbytes;
   for (int off = 0; off < R * ng * pbytes; off += 64) {
     _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
@@ -749,7 +756,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
-      const __m256 wsv = lane_scales<RK, ST>(a.scales, sr[r], ch, cpg_shift);
+      const __m256 wsv = lane_scales<RK, ST>(sp, sr[r], ch, cpg_shift);
       if constexpr (BITS == 8) {
         const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
         const __m256i qa = _mm256_sign_epi8(qs, qs); // |q - 128|
@@ -796,7 +803,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
     for (int r = 0; r < R; ++r) {
       t[r] = _mm256_add_ps(
           acc[r][j],
-          bias_vec<BITS, ST>(a.biases, a.scales, sr[r], xsum, xdq, ng));
+          bias_vec<BITS, ST>(bp, sp, sr[r], xsum, xdq, ng));
     }
     float* y = a.y + int64_t(m0 + j) * a.N + n0;
     for (int r = 0; r < R; r += 4) {
@@ -813,6 +820,29 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
       }
     }
   }
+}
+
+// Half-precision scales and biases of the tile are widened once into stack
+// buffers (exact), so the inner loop broadcasts floats instead of converting
+// one value per chunk.
+constexpr int kTileParams = 2048;
+
+template <int BITS, int RK, int R, int C, ScaleType ST>
+TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+  const QMatmulArgs& a = *c.a;
+  const int64_t row0 = int64_t(n0) * c.n_groups;
+  const int n = R * c.n_groups;
+  if constexpr (ST != ScaleType::F32) {
+    if (n <= kTileParams) {
+      alignas(32) float sbuf[kTileParams];
+      alignas(32) float bbuf[kTileParams];
+      half_params_avx2(static_cast<const uint16_t*>(a.scales) + row0, ST, n, sbuf);
+      half_params_avx2(static_cast<const uint16_t*>(a.biases) + row0, ST, n, bbuf);
+      q8_tile_body<BITS, RK, R, C, ScaleType::F32>(c, n0, m0, sbuf, bbuf, 0);
+      return;
+    }
+  }
+  q8_tile_body<BITS, RK, R, C, ST>(c, n0, m0, a.scales, a.biases, row0);
 }
 
 using TileFn = void (*)(const Q8Ctx&, int, int);
