@@ -33,24 +33,6 @@ TARGET_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-TARGET_AVX2 float dot_avx2(const float* a, const float* b, int n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(
-        _mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
-  float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) {
-    s += a[i] * b[i];
-  }
-  return s;
-}
-
 // y += a * x
 TARGET_AVX2 void axpy_avx2(float a, const float* x, float* y, int n) {
   const __m256 av = _mm256_set1_ps(a);
@@ -131,19 +113,6 @@ void swiglu_any(const float* g, const float* u, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
   }
-}
-
-float dot_any(const float* a, const float* b, int n) {
-#ifdef MLXL_X86
-  if (cpu_has_avx2()) {
-    return dot_avx2(a, b, n);
-  }
-#endif
-  float s = 0.f;
-  for (int i = 0; i < n; ++i) {
-    s += a[i] * b[i];
-  }
-  return s;
 }
 
 void axpy_any(float a, const float* x, float* y, int n) {
@@ -243,7 +212,7 @@ void RMSNormCPU::eval_cpu(
       for (int r = r0; r < r1; ++r) {
         const float* xr = xp + int64_t(r) * D;
         float* yr = y + int64_t(r) * D;
-        const float ms = dot_any(xr, xr, D) / static_cast<float>(D);
+        const float ms = dot_f32(xr, xr, D) / static_cast<float>(D);
         const float inv = 1.f / std::sqrt(ms + eps);
         for (int i = 0; i < D; ++i) {
           yr[i] = xr[i] * inv * w[i];
@@ -456,7 +425,7 @@ void AttentionCPU::eval_cpu(
         float* yr = y + ((int64_t(b) * L + l) * H + h) * D;
         float m = -INFINITY;
         for (int t = 0; t < n; ++t) {
-          p[t] = dot_any(qr, kb + t * kst[2], D) * scale;
+          p[t] = dot_f32(qr, kb + t * kst[2], D) * scale;
           m = std::max(m, p[t]);
         }
         const float inv = 1.f / exp_sub_sum_any(p.data(), n, m);

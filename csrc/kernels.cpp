@@ -441,20 +441,7 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
         unpack_group_scalar(row, k0, g, a.bits, buf.data());
       }
       for (int m = 0; m < a.M; ++m) {
-        const float* xm = a.x + int64_t(m) * a.K + k0;
-        float d;
-#ifdef MLXL_X86
-        if (c.avx2) {
-          d = dot_avx2(xm, buf.data(), g);
-        } else
-#endif
-        {
-#if defined(__aarch64__)
-          d = dot_neon(xm, buf.data(), g);
-#else
-          d = dot_scalar(xm, buf.data(), g);
-#endif
-        }
+        const float d = dot_f32(a.x + int64_t(m) * a.K + k0, buf.data(), g);
         acc[m] += s[gi] * d + b[gi] * c.xsum[int64_t(m) * c.n_groups + gi];
       }
     }
@@ -990,6 +977,19 @@ void qmatmul_q8(const QMatmulArgs& a) {
 #endif // MLXL_X86
 
 } // namespace
+
+float dot_f32(const float* a, const float* b, int n) {
+#ifdef MLXL_X86
+  if (cpu_has_avx2()) {
+    return dot_avx2(a, b, n);
+  }
+#endif
+#if defined(__aarch64__)
+  return dot_neon(a, b, n);
+#else
+  return dot_scalar(a, b, n);
+#endif
+}
 
 bool q8_supported(int K, int group_size, int bits) {
 #ifdef MLXL_X86

@@ -66,6 +66,9 @@ float read_probe(const float* p, int64_t n);
 // MLX_LLAMA_FORCE_SCALAR is set).
 bool cpu_has_avx2();
 
+// sum a[i] * b[i] in float32 with the widest SIMD the CPU has.
+float dot_f32(const float* a, const float* b, int n);
+
 // "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime.
 const char* isa();
 
