@@ -40,14 +40,19 @@ inline mx::cpu::CommandEncoder& prepare_cpu_eval(
   return enc;
 }
 
-// `a` as float32 and row-contiguous, adding graph ops only when needed:
-// evaluated weights are usually both already.
-inline mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
-  mx::array b = a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s);
-  if (b.is_available() && b.flags().row_contiguous) {
-    return b;
+// `a` row-contiguous, adding a Contiguous node only when it is not known to
+// be: evaluated weights usually are already.
+inline mx::array contiguous_if_needed(const mx::array& a, const mx::Stream& s) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
   }
-  return mx::contiguous(b, false, s);
+  return mx::contiguous(a, false, s);
+}
+
+// `a` as float32 and row-contiguous, adding graph ops only when needed.
+inline mx::array as_f32_contiguous(const mx::array& a, const mx::Stream& s) {
+  return contiguous_if_needed(
+      a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s), s);
 }
 
 // Pointer to `a`'s float32 elements in row-major order: the array's own data

@@ -25,6 +25,12 @@ namespace {
 // Vector helpers: AVX2 versions and scalar twins with the same meaning.
 // ---------------------------------------------------------------------------
 
+void swiglu_scalar(const float* g, const float* u, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
+  }
+}
+
 #ifdef MLXL_X86
 TARGET_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -97,9 +103,7 @@ TARGET_AVX2 void swiglu_avx2(const float* g, const float* u, float* y, int64_t n
         y + i,
         _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + i)), _mm256_add_ps(one, e)));
   }
-  for (; i < n; ++i) {
-    y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
-  }
+  swiglu_scalar(g + i, u + i, y + i, n - i);
 }
 #endif
 
@@ -110,9 +114,7 @@ void swiglu_any(const float* g, const float* u, float* y, int64_t n) {
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = g[i] * u[i] / (1.f + std::exp(-g[i]));
-  }
+  swiglu_scalar(g, u, y, n);
 }
 
 void axpy_any(float a, const float* x, float* y, int n) {
@@ -141,20 +143,18 @@ float exp_sub_sum_any(float* p, int n, float m) {
   return s;
 }
 
-// Rows per pool task for row-wise ops: enough work to pay for a hand-off.
-constexpr int kRowsPerTask = 16;
-
+// f(i0, i1) over [0, n) in pool tasks of `per_task` items (parallel_for runs
+// a single task inline).
 template <typename F>
-void for_rows(int rows, F&& f) {
-  if (rows <= kRowsPerTask) {
-    f(0, rows);
-    return;
-  }
-  const int n_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+void for_ranges(int64_t n, int64_t per_task, F&& f) {
+  const int n_tasks = static_cast<int>((n + per_task - 1) / per_task);
   ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
-    f(t * kRowsPerTask, std::min(rows, (t + 1) * kRowsPerTask));
+    f(t * per_task, std::min(n, (t + 1) * per_task));
   });
 }
+
+// Rows per pool task for row-wise ops: enough work to pay for a hand-off.
+constexpr int64_t kRowsPerTask = 16;
 
 void check_float32_cpu(const mx::array& a, const char* what, const mx::Stream& s) {
   if (s.device.type != mx::Device::cpu) {
@@ -208,8 +208,8 @@ void RMSNormCPU::eval_cpu(
     const float* xp = row_major_f32(x, scratch);
     const int D = x.shape(-1);
     const int rows = D > 0 ? static_cast<int>(x.size() / D) : 0;
-    for_rows(rows, [&](int r0, int r1) {
-      for (int r = r0; r < r1; ++r) {
+    for_ranges(rows, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
         const float* xr = xp + int64_t(r) * D;
         float* yr = y + int64_t(r) * D;
         const float ms = dot_f32(xr, xr, D) / static_cast<float>(D);
@@ -277,8 +277,8 @@ void RoPECPU::eval_cpu(
         cs[size_t(l) * D + half + i] = static_cast<float>(std::sin(double(ang)));
       }
     }
-    for_rows(B * L, [&](int r0, int r1) {
-      for (int r = r0; r < r1; ++r) {
+    for_ranges(B * L, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
         const float* c = cs.data() + size_t(r % L) * D;
         const float* sn = c + half;
         for (int h = 0; h < H; ++h) {
@@ -328,18 +328,9 @@ void SwiGLUCPU::eval_cpu(
     const float* up = row_major_f32(u, us);
     // Elements per task: a hand-off to the pool costs about as much as
     // computing a few thousand.
-    constexpr int64_t kChunk = 1 << 14;
-    const int64_t n = static_cast<int64_t>(g.size());
-    const int n_tasks = static_cast<int>((n + kChunk - 1) / kChunk);
-    auto run = [&](int t, int) {
-      const int64_t i0 = t * kChunk;
-      swiglu_any(gp + i0, up + i0, y + i0, std::min(kChunk, n - i0));
-    };
-    if (n_tasks <= 1) {
-      run(0, 0);
-    } else {
-      ThreadPool::instance().parallel_for(n_tasks, run);
-    }
+    for_ranges(static_cast<int64_t>(g.size()), int64_t(1) << 14, [&](int64_t i0, int64_t i1) {
+      swiglu_any(gp + i0, up + i0, y + i0, i1 - i0);
+    });
   });
 }
 

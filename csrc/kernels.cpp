@@ -81,6 +81,18 @@ float half_to_float(uint16_t h) {
   return v;
 }
 
+// n bf16 or f16 values to float32.
+void half_params_scalar(const uint16_t* p, ScaleType t, int n, float* dst) {
+  for (int i = 0; i < n; ++i) {
+    if (t == ScaleType::BF16) {
+      const uint32_t bits = uint32_t(p[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    } else {
+      dst[i] = half_to_float(p[i]);
+    }
+  }
+}
+
 #ifdef MLXL_X86
 TARGET_AVX2 void half_params_avx2(const uint16_t* p, ScaleType t, int n, float* dst) {
   int i = 0;
@@ -91,14 +103,7 @@ TARGET_AVX2 void half_params_avx2(const uint16_t* p, ScaleType t, int n, float* 
         : _mm256_cvtph_ps(v);
     _mm256_storeu_ps(dst + i, f);
   }
-  for (; i < n; ++i) {
-    if (t == ScaleType::BF16) {
-      const uint32_t bits = uint32_t(p[i]) << 16;
-      std::memcpy(dst + i, &bits, 4);
-    } else {
-      dst[i] = half_to_float(p[i]);
-    }
-  }
+  half_params_scalar(p + i, t, n - i, dst + i);
 }
 #endif
 
@@ -124,14 +129,7 @@ const float* params_f32(
     return buf.data();
   }
 #endif
-  for (int i = 0; i < n; ++i) {
-    if (t == ScaleType::BF16) {
-      const uint32_t bits = uint32_t(h[i]) << 16;
-      std::memcpy(&buf[i], &bits, 4);
-    } else {
-      buf[i] = half_to_float(h[i]);
-    }
-  }
+  half_params_scalar(h, t, n, buf.data());
   return buf.data();
 }
 

@@ -71,12 +71,7 @@ std::pair<mx::array, mx::array> scale_params(
   const mx::Dtype t = scales.dtype();
   if (t == biases.dtype() &&
       (t == mx::float32 || t == mx::bfloat16 || t == mx::float16)) {
-    auto keep = [&](const mx::array& a) {
-      return a.is_available() && a.flags().row_contiguous
-          ? a
-          : mx::contiguous(a, false, s);
-    };
-    return {keep(scales), keep(biases)};
+    return {contiguous_if_needed(scales, s), contiguous_if_needed(biases, s)};
   }
   return {as_f32_contiguous(scales, s), as_f32_contiguous(biases, s)};
 }
@@ -120,9 +115,7 @@ mx::array quantized_matmul(
   const mx::Dtype out_dtype = x.dtype();
   // x may stay strided: eval_cpu copies it then (rare; no graph op).
   auto xf = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
-  auto wc = w.is_available() && w.flags().row_contiguous
-      ? w
-      : mx::contiguous(w, false, s);
+  auto wc = contiguous_if_needed(w, s);
   auto [sf, bf] = scale_params(scales, biases, s);
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
@@ -208,11 +201,7 @@ mx::array dequantize(
       {N, K},
       mx::float32,
       std::make_shared<DequantizeCPU>(s, group_size, bits),
-      {w.is_available() && w.flags().row_contiguous
-           ? w
-           : mx::contiguous(w, false, s),
-       sf,
-       bf});
+      {contiguous_if_needed(w, s), sf, bf});
 }
 
 void DequantizeCPU::eval_cpu(
