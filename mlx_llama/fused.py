@@ -27,10 +27,8 @@ ATTENTION_MAX_ROWS = 16
 
 
 def _ext() -> Any:
-    """The extension when the fused CPU ops apply, else None."""
-    if qmatmul._ext is None or qmatmul.get_mode() == "mlx" or mx.default_device() != mx.cpu:
-        return None
-    return qmatmul._ext
+    """The extension when the fused CPU ops apply (as for the quantized matmul), else None."""
+    return qmatmul.active_extension()
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

@@ -23,9 +23,9 @@ Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
 The variable is read at each call; `set_mode()` overrides it.
 
 Prefill (large M) uses the same kernels. Measured on the 2-core dev box for
-M=512 on 8192x2048 (benchmarks/kernel_gemv.py): 4-bit q8 137 GFLOP/s vs 108 for
-our dequantize + `mx.matmul` on OpenBLAS (mlx_llama.blas); 8-bit 101 vs 105 (a
-tie), and MLX's reference BLAS (without mlx_llama.blas) is ~1.5 GFLOP/s. As
+M=512 on 8192x2048 (benchmarks/results/kernel_gemv-2threads.txt): 4-bit q8 145
+GFLOP/s vs 103 for our dequantize + `mx.matmul` on OpenBLAS (mlx_llama.blas);
+8-bit 105 vs 114, and MLX's reference BLAS (without mlx_llama.blas) is ~1.5 GFLOP/s. As
 dequantize + sgemm also needs a float32 copy of the weight per call (1 GB for
 a 128256x2048 lm_head), the kernel is used for every M by default;
 ``MLX_LLAMA_QMM_DEQUANT_M=<rows>`` sends calls with at least that many rows of
@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import mlx.core as mx
 
@@ -146,6 +146,11 @@ def _use_ext(mode: str) -> bool:
         _warn_missing()
         return False
     return True
+
+
+def active_extension() -> Any:
+    """The extension when the current mode and device use it (else None, with the missing-extension warning)."""
+    return _ext if _use_ext(get_mode()) else None
 
 
 def quantized_matmul(
