@@ -20,7 +20,8 @@ Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
   `mx.quantized_matmul` to ~1e-6 relative.
 * ``mlx``: always use `mx.quantized_matmul`.
 
-The variable is read at each call; `set_mode()` overrides it.
+The variable is read at each call (once per forward pass inside `resolved()`,
+which the model uses); `set_mode()` overrides it.
 
 Prefill (large M) uses the same kernels. Measured on the 2-core dev box for
 M=512 on 8192x2048 (benchmarks/results/kernel_gemv-2threads.txt): 4-bit q8 145
@@ -61,6 +62,8 @@ def _env_mode() -> str:
 
 
 def _dequant_threshold() -> int | None:
+    if _snapshot is not None:
+        return _snapshot[3]
     v = os.environ.get("MLX_LLAMA_QMM_DEQUANT_M", "").strip()
     return int(v) if v else None
 
@@ -92,8 +95,34 @@ def set_mode(mode: str | None) -> None:
     _mode_override = mode
 
 
+# Inside `resolved()`: (override at entry, mode, whether the extension applies,
+# $MLX_LLAMA_QMM_DEQUANT_M).
+_snapshot: tuple[str | None, str, bool, int | None] | None = None
+
+
 def get_mode() -> str:
+    snap = _snapshot
+    if snap is not None and snap[0] == _mode_override:
+        return snap[1]
     return _mode_override or _env_mode()
+
+
+@contextlib.contextmanager
+def resolved() -> Iterator[None]:
+    """Decide the mode and device once for a block of calls (a model's forward pass).
+
+    A 1B decode step makes ~300 calls that would each read the environment
+    (~1 ms of the Python graph building per token, which competes with the
+    kernels for the cores); `set_mode()` inside the block still takes effect.
+    """
+    global _snapshot
+    outer = _snapshot
+    mode = get_mode()
+    _snapshot = (_mode_override, mode, _use_ext(mode), _dequant_threshold())
+    try:
+        yield
+    finally:
+        _snapshot = outer
 
 
 @contextlib.contextmanager
@@ -138,6 +167,9 @@ def reads_half_scales() -> bool:
 
 
 def _use_ext(mode: str) -> bool:
+    snap = _snapshot
+    if snap is not None and snap[1] == mode and snap[0] == _mode_override:
+        return snap[2]
     if mode == "mlx":
         return False
     if mx.default_device() != mx.cpu:
