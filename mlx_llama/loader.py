@@ -11,6 +11,7 @@ import mlx.nn as nn
 from . import qmatmul
 from .config import ModelConfig, read_optional_json
 from .errors import MlxLlamaError
+from .fuse import fuse_projections
 from .model import Model
 
 if TYPE_CHECKING:
@@ -70,8 +71,12 @@ def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array
     quantize(model, class_predicate=predicate)
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> Model:
-    """Build the model for a directory and load its weights, cast to `dtype`."""
+def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True) -> Model:
+    """Build the model for a directory and load its weights, cast to `dtype`.
+
+    With `fuse`, q/k/v and gate/up become one matmul each (mlx_llama.fuse); without,
+    the modules keep the checkpoint's names (to save the model, say).
+    """
     model_dir = resolve_model_dir(path)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     dtype = dtype or default_dtype()
@@ -102,6 +107,10 @@ def load_model(path: str | Path, dtype: str | None = None) -> Model:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MlxLlamaError(f"weights in {model_dir} do not fit the config: {e}") from None
+    del weights  # the model holds what it needs: fusing must free the parts
+    if fuse:
+        fuse_projections(model)
+        mx.clear_cache()  # return the parts' buffers instead of keeping them for reuse
     mx.eval(model.parameters())
     model.eval()
     model.dtype = target

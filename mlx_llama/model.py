@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fused
+from . import fused, qmatmul
 from .cache import make_cache
 from .config import ModelConfig
 from .rope import RoPE
@@ -31,6 +31,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         h, hd = cfg.hidden_size, cfg.head_dim
+        # Split points of the fused q/k/v output (mlx_llama.fuse; the loader fuses).
+        self.qkv_splits = [self.n_heads * hd, (self.n_heads + self.n_kv_heads) * hd]
         self.q_proj = nn.Linear(h, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
@@ -40,9 +42,13 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         B, L, _ = x.shape
         # (B, L, heads, head_dim) throughout; the cache stores (B, kv_heads, T, head_dim).
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if "qkv_proj" in self:
+            q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
+        else:  # projections whose formats differ (mlx_llama.fuse)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        v = v.reshape(B, L, self.n_kv_heads, -1)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset)
         k = self.rope(k, offset).transpose(0, 2, 1, 3)
@@ -62,7 +68,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:  # projections whose formats differ (mlx_llama.fuse)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fused.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -87,7 +97,10 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
-    """`Model(cfg)(tokens, cache)` → logits; tensor names match HF checkpoints."""
+    """`Model(cfg)(tokens, cache)` → logits; tensor names match HF checkpoints.
+
+    The loader then fuses q/k/v and gate/up into one matmul each (mlx_llama.fuse).
+    """
 
     xp = mx  # the array library the generation loop drives this model with
 
@@ -117,6 +130,12 @@ class Model(nn.Module):
 
         `hidden_states`, when given, receives the embeddings and each layer's output.
         """
+        with qmatmul.resolved():
+            return self._forward(tokens, cache, last_only, hidden_states)
+
+    def _forward(
+        self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
+    ) -> mx.array:
         h = self.model.embed_tokens(tokens)
         if h.dtype != self.model.norm.weight.dtype:
             # A quantized embedding dequantizes to its scales' dtype (bf16 kept for the

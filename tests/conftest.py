@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_llama.random_checkpoint import make_config, write_checkpoint
 
@@ -29,6 +33,38 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
             write_checkpoint(out, cfg, seed=seed, dtype="float32", tokenizer=tokenizer)
             made[key] = out
         return made[key]
+
+    return make
+
+
+@pytest.fixture
+def make_quantized_dir(make_checkpoint: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """`make_quantized_dir(bits, group_size, overrides={})` → an mlx-lm style quantized directory.
+
+    nn.quantize on the float model, saved with a quantization config; `overrides`
+    maps module paths to their own bits (mlx-lm's mixed-precision format).
+    """
+    from mlx_llama.loader import load_model
+
+    def make(bits: int, group_size: int, overrides: dict[str, int] | None = None) -> Path:
+        overrides = overrides or {}
+        src = make_checkpoint(hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=32)
+        model = load_model(src, dtype="float32", fuse=False)
+
+        def params(path: str, module: nn.Module) -> bool | dict[str, int]:
+            if not hasattr(module, "to_quantized"):
+                return False
+            return {"group_size": group_size, "bits": overrides.get(path, bits)}
+
+        nn.quantize(model, class_predicate=params)
+        out = tmp_path / f"q{bits}-g{group_size}-{len(overrides)}"
+        out.mkdir()
+        mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization"] = {"group_size": group_size, "bits": bits}
+        cfg["quantization"].update({p: {"group_size": group_size, "bits": b} for p, b in overrides.items()})
+        (out / "config.json").write_text(json.dumps(cfg))
+        return out
 
     return make
 

@@ -12,14 +12,9 @@ Error bounds checked here:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from mlx_llama import qmatmul
 
@@ -234,22 +229,6 @@ def test_wrapper_dispatch_and_fallback(monkeypatch, capsys):
 # --------------------------------------------------------------------------- end to end
 
 
-def _quantized_dir(make_checkpoint, tmp_path: Path, bits: int, group_size: int) -> Path:
-    """An mlx-lm style quantized directory: nn.quantize on the float model, saved with a quantization config."""
-    from mlx_llama.loader import load_model
-
-    src = make_checkpoint(hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=32)
-    model = load_model(src, dtype="float32")
-    nn.quantize(model, group_size=group_size, bits=bits)
-    out = tmp_path / f"q{bits}"
-    out.mkdir()
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization"] = {"group_size": group_size, "bits": bits}
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
     cache = model.make_cache()
     logits = model(mx.array([prompt]), cache)
@@ -262,11 +241,11 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("bits", (4, 8))
-def test_greedy_tokens_match_mlx(make_checkpoint, tmp_path, bits):
+def test_greedy_tokens_match_mlx(make_quantized_dir, bits):
     from mlx_llama.loader import load_model
     from mlx_llama.quantized import QuantizedEmbedding, QuantizedLinear
 
-    qdir = _quantized_dir(make_checkpoint, tmp_path, bits, 64)
+    qdir = make_quantized_dir(bits, 64)
     model = load_model(qdir, dtype="float32")
     layer = model.layers[0]
     assert isinstance(layer.mlp.down_proj, QuantizedLinear)
@@ -289,11 +268,11 @@ def test_greedy_tokens_match_mlx(make_checkpoint, tmp_path, bits):
         qmatmul.set_mode(saved)
 
 
-def test_half_precision_scales_stay_half_on_load(make_checkpoint, tmp_path, monkeypatch):
+def test_half_precision_scales_stay_half_on_load(make_quantized_dir, monkeypatch):
     """A checkpoint's bf16 scales/biases are kept (not widened to float32) and give the same logits."""
     from mlx_llama.loader import load_model
 
-    qdir = _quantized_dir(make_checkpoint, tmp_path, 4, 64)
+    qdir = make_quantized_dir(4, 64)
     f = qdir / "model.safetensors"
     params = mx.load(str(f))
     half = {k: v.astype(mx.bfloat16) if k.endswith((".scales", ".biases")) else v for k, v in params.items()}
