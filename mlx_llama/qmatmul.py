@@ -209,7 +209,9 @@ def quantized_matmul(
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int) -> mx.array:
-    """Dequantize to float32 (multi-threaded on the CPU)."""
+    """Dequantize the rows of a 2-D `w` to float32 (multi-threaded on the CPU), exactly whatever the scales' dtype."""
     if _use_ext(get_mode()) and group_size in (32, 64, 128):
         return _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
-    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+    return mx.dequantize(
+        w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits
+    )

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .qmatmul import quantized_matmul
+from .qmatmul import dequantize, quantized_matmul
 
 
 def _empty_quantized(rows: int, cols: int, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -99,14 +99,13 @@ class QuantizedEmbedding(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # In float32 whatever the scales' dtype (bf16 scales are kept for the CPU
         # kernels): only the looked-up rows are widened; the model casts the
-        # result to its compute dtype.
-        return mx.dequantize(
-            self["weight"][x],
-            scales=self["scales"][x].astype(mx.float32),
-            biases=self["biases"][x].astype(mx.float32),
-            group_size=self.group_size,
-            bits=self.bits,
+        # result to its compute dtype.  One dequantize op on the CPU, where
+        # mx.dequantize expands into ~50 small graph nodes.
+        ids = x.reshape(-1)
+        rows = dequantize(
+            self["weight"][ids], self["scales"][ids], self["biases"][ids], group_size=self.group_size, bits=self.bits
         )
+        return rows.reshape(*x.shape, self.dims)
 
     def as_linear(self, x: mx.array) -> mx.array:
         """``x @ dequantize(weight).T``: logits for a tied output projection."""
