@@ -11,6 +11,7 @@ bandwidth ÷ weight bytes per token) and, for the quantized-matmul engineer,
     python benchmarks/throughput.py                    # llama-3.2-1b, p128 g32, default peers
     python benchmarks/throughput.py --preset llama-3.2-3b --peers mlx-llama-q4,llamacpp-q4_0
     python benchmarks/throughput.py --ablations        # + float32/bf16, OpenBLAS off, async off
+    python benchmarks/throughput.py --rounds 3 --peers mlx-llama-q4,llamacpp-q4_0   # interleaved
 
 Writes benchmarks/results/throughput-<preset>.{json,md,png}; big files go to
 benchmarks/work/ (gitignored).  A peer slower than its time budget is stopped
@@ -509,6 +510,16 @@ def run_peer(name: str, spec: dict[str, Any], budget: float, load_budget: float 
     return out
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One peer's runs from several rounds as one run: repetitions pooled."""
+    out = {**runs[0], "wall_s": sum(r["wall_s"] for r in runs), "timed_out": any(r["timed_out"] for r in runs),
+           "events": [e for r in runs for e in r["events"]]}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        out["error"] = errors[0]
+    return out
+
+
 def summarize(raw: dict[str, Any], n_prompt: int, n_gen: int) -> dict[str, Any]:
     ev = raw["events"]
     info = next((e["info"] for e in ev if e["event"] == "loaded"), {})
@@ -574,7 +585,7 @@ def markdown(result: dict[str, Any]) -> str:
     bw = result.get("bandwidth", {}).get("best")
     lines = [
         f"# Token throughput — {m['preset']} (random weights), p{m['n_prompt']} g{m['n_gen']}, "
-        f"{m['threads']} threads, {m['repetitions']} reps",
+        f"{m['threads']} threads, {m['repetitions']} reps" + (f" × {m['rounds']} rounds" if m.get("rounds", 1) > 1 else ""),
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores), {m['date']}. Read bandwidth {bw:.1f} GB/s "
         f"(measured: numpy sums over 1 GiB). pp = prompt tokens ÷ time to first token; tg = decode tok/s.",
@@ -689,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=128)
     ap.add_argument("-g", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the peer list this many times, interleaved (each round: every peer's reps); "
+                         "repetitions are pooled, so drift in the machine's load hits every peer alike")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                     help=f"comma-separated, from: {', '.join(list(PEERS) + list(ABLATIONS))}")
@@ -751,18 +765,23 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth = measure_read_bandwidth(args.threads)
     log(f"read bandwidth: {bandwidth}")
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names if table[n]["weights"] in paths}
+    for rnd in range(args.rounds):
+        for n in runs:
+            p = table[n]
+            # Each round its own prompts, so pooled reps are not the same prompts again.
+            spec = {**p, "path": paths[p["weights"]], "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+                    "repetitions": args.repetitions, "threads": args.threads, "seed": args.seed + rnd}
+            raw = run_peer(n, spec, min(args.budget, p.get("budget", args.budget)))
+            s = summarize(raw, args.n_prompt, args.n_gen)
+            log(f"  {n}: pp {fmt(s['pp_tps'])} tg {fmt(s['tg_tps'])} [{s['status']}]")
+            runs[n].append(raw)
     peers = []
     for n in names:
-        p = table[n]
-        if p["weights"] not in paths:
-            peers.append({"name": n, "note": p["note"], "info": {}, "status": "not run", "wall_s": 0.0})
-            continue
-        spec = {**p, "path": paths[p["weights"]], "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-                "repetitions": args.repetitions, "threads": args.threads, "seed": args.seed}
-        raw = run_peer(n, spec, min(args.budget, p.get("budget", args.budget)))
-        s = summarize(raw, args.n_prompt, args.n_gen)
-        log(f"  {n}: pp {fmt(s['pp_tps'])} tg {fmt(s['tg_tps'])} [{s['status']}]")
-        peers.append(s)
+        if n not in runs:
+            peers.append({"name": n, "note": table[n]["note"], "info": {}, "status": "not run", "wall_s": 0.0})
+        else:
+            peers.append(summarize(merge_rounds(runs[n]), args.n_prompt, args.n_gen))
     kernels = []
     if not args.no_kernels:
         spec = {"engine": "kernels", "config": cfg, "ms": [int(x) for x in args.kernel_m.split(",")],
@@ -773,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("kernel microbenchmark stopped at its time budget (partial rows)")
     result = {
         "meta": {"preset": args.preset, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-                 "repetitions": args.repetitions, "threads": args.threads, "cores": os.cpu_count(),
+                 "repetitions": args.repetitions, "rounds": args.rounds, "threads": args.threads, "cores": os.cpu_count(),
                  "cpu": _cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
                  "wall_s": time.perf_counter() - t_start},
         "bandwidth": bandwidth,
