@@ -517,10 +517,13 @@ TARGET_AVX2 void quantize_row(
   const int P = 8 / bits;
   const int E = 256 / bits;
   // Position of element `within` of a chunk in plane order: plane
-  // within % P holds the elements that meet the weights' bits at that shift.
+  // within % P holds the elements that meet the weights' bits at that shift
+  // (2 bits only: 8 and 4 bits are placed with vector stores below).
   uint8_t pos[128];
-  for (int w = 0; w < E; ++w) {
-    pos[w] = static_cast<uint8_t>((w % P) * 32 + w / P);
+  if (bits == 2) {
+    for (int w = 0; w < E; ++w) {
+      pos[w] = static_cast<uint8_t>((w % P) * 32 + w / P);
+    }
   }
   const int nb = K / 32;
   float dblk[1024];
@@ -558,13 +561,31 @@ TARGET_AVX2 void quantize_row(
     const __m256i q8 = _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(q16a, q16b),
         _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    alignas(32) int8_t q[32];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(q), q8);
     const int k0 = blk * 32;
     int8_t* dst = xq + int64_t(k0 / E) * 32 * P;
-    const uint8_t* ps = pos + k0 % E;
-    for (int i = 0; i < 32; ++i) {
-      dst[ps[i]] = q[i];
+    if (bits == 8) { // one plane: plain order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), q8);
+    } else if (bits == 4) {
+      // Even elements to plane 0, odd ones to plane 1 (16 of each per block).
+      const __m256i split = _mm256_permute4x64_epi64(
+          _mm256_shuffle_epi8(
+              q8,
+              _mm256_setr_epi8(
+                  0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                  0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)),
+          0xd8);
+      int8_t* d = dst + (k0 % E) / 2;
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(d), _mm256_castsi256_si128(split));
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(d + 32), _mm256_extracti128_si256(split, 1));
+    } else {
+      alignas(32) int8_t q[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), q8);
+      const uint8_t* ps = pos + k0 % E;
+      for (int i = 0; i < 32; ++i) {
+        dst[ps[i]] = q[i];
+      }
     }
     __m128i s4 = _mm_add_epi32(
         _mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
