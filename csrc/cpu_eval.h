@@ -1,6 +1,8 @@
 // The prologue every eval_cpu of ours shares.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -64,15 +66,25 @@ inline const float* row_major_f32(const mx::array& a, std::vector<float>& scratc
   }
   scratch.resize(a.size());
   const int nd = a.ndim();
-  std::vector<int64_t> idx(nd, 0);
   const float* base = a.data<float>();
-  for (size_t i = 0; i < a.size(); ++i) {
+  // Copy runs of the last axis: one memcpy each when it is unit-stride (slices
+  // of a fused projection's output), else element by element.
+  const int64_t run = nd > 0 ? a.shape(nd - 1) : 1;
+  const int64_t step = nd > 0 ? a.strides()[nd - 1] : 1;
+  std::vector<int64_t> idx(std::max(nd - 1, 0), 0);
+  for (size_t i = 0; i < a.size(); i += run) {
     int64_t off = 0;
-    for (int d = 0; d < nd; ++d) {
+    for (int d = 0; d + 1 < nd; ++d) {
       off += idx[d] * a.strides()[d];
     }
-    scratch[i] = base[off];
-    for (int d = nd - 1; d >= 0; --d) {
+    if (step == 1) {
+      std::memcpy(scratch.data() + i, base + off, run * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < run; ++j) {
+        scratch[i + j] = base[off + j * step];
+      }
+    }
+    for (int d = nd - 2; d >= 0; --d) {
       if (++idx[d] < a.shape(d)) {
         break;
       }

@@ -64,6 +64,16 @@ def test_swiglu(n):
     close(ext.swiglu(gate, up), nn.silu(gate) * up)
 
 
+def test_swiglu_on_halves_of_a_fused_projection():
+    """Prefill slices a (B, L, 2I) gate/up output: row-strided inputs, unit stride within rows."""
+    fused_out = randn(2, 5, 2 * 96) * 3
+    gate, up = mx.split(fused_out, 2, axis=-1)
+    close(ext.swiglu(gate, up), nn.silu(gate) * up)
+    # ... and a last axis that is not unit-stride.
+    gate, up = fused_out[..., ::2], fused_out[..., 1::2]
+    close(ext.swiglu(gate, up), nn.silu(gate) * up)
+
+
 @pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False)])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
 def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
