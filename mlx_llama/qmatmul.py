@@ -24,11 +24,12 @@ The variable is read at each call (once per forward pass inside `resolved()`,
 which the model uses); `set_mode()` overrides it.
 
 Prefill (large M) uses the same kernels. Measured on the 2-core dev box for
-M=512 on 8192x2048 (benchmarks/results/kernel_gemv-2threads.txt): 4-bit q8 145
-GFLOP/s vs 103 for our dequantize + `mx.matmul` on OpenBLAS (mlx_llama.blas);
-8-bit 105 vs 114, and MLX's reference BLAS (without mlx_llama.blas) is ~1.5 GFLOP/s. As
-dequantize + sgemm also needs a float32 copy of the weight per call (1 GB for
-a 128256x2048 lm_head), the kernel is used for every M by default;
+M=512 on 8192x2048 (benchmarks/results/kernel_gemv-2threads.txt; two runs): 4-bit
+q8 128-145 GFLOP/s vs 103-136 for our dequantize + `mx.matmul` on OpenBLAS
+(mlx_llama.blas); 8-bit 100-105 vs 108-114, and MLX's reference BLAS (without
+mlx_llama.blas) is ~1.5 GFLOP/s. As dequantize + sgemm also needs a float32
+copy of the weight per call (1 GB for a 128256x2048 lm_head), the kernel is
+used for every M by default;
 ``MLX_LLAMA_QMM_DEQUANT_M=<rows>`` sends calls with at least that many rows of
 x to dequantize + `mx.matmul` instead.
 """
