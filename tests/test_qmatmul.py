@@ -190,9 +190,11 @@ def test_bad_shapes_raise():
 
 
 @pytest.mark.parametrize("mode", ("q8", "exact"))
-def test_bit_identical_across_thread_counts(mode):
+@pytest.mark.parametrize("M,N", [(70, 1000), (1, 2001)])
+def test_bit_identical_across_thread_counts(mode, M, N):
     rng = np.random.default_rng(6)
-    x, w, s, b = make_case(rng, 70, 1000, 512, 4, 64)  # several tasks in both N and M
+    # Several tasks in both N and M; a GEMV's row blocks depend on the thread count.
+    x, w, s, b = make_case(rng, M, N, 512, 4, 64)
     before = ext.num_threads()
     try:
         outs = []
