@@ -4,11 +4,14 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
 
 namespace mlx_llama {
 
@@ -40,6 +43,24 @@ inline mx::cpu::CommandEncoder& prepare_cpu_eval(
     enc.set_output_array(out);
   }
   return enc;
+}
+
+// The stream of `s`, which must be a CPU stream: "[mlx_llama.<what>] only CPU
+// streams are supported" otherwise, followed by "; use <instead>" when given.
+inline mx::Stream require_cpu_stream(
+    mx::StreamOrDevice s,
+    const char* what,
+    const char* instead = nullptr) {
+  mx::Stream stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::cpu) {
+    std::string msg = std::string("[mlx_llama.") + what +
+        "] only CPU streams are supported";
+    if (instead) {
+      msg += std::string("; use ") + instead;
+    }
+    throw std::invalid_argument(msg);
+  }
+  return stream;
 }
 
 // `a` row-contiguous, adding a Contiguous node only when it is not known to

@@ -157,10 +157,7 @@ void for_ranges(int64_t n, int64_t per_task, F&& f) {
 constexpr int64_t kRowsPerTask = 16;
 
 void check_float32_cpu(const mx::array& a, const char* what, const mx::Stream& s) {
-  if (s.device.type != mx::Device::cpu) {
-    throw std::invalid_argument(std::string("[mlx_llama.") + what +
-                                "] only CPU streams are supported; use mx.fast");
-  }
+  require_cpu_stream(s, what, "mx.fast");
   if (a.dtype() != mx::float32) {
     throw std::invalid_argument(std::string("[mlx_llama.") + what +
                                 "] expects float32 inputs");

@@ -94,12 +94,7 @@ mx::array quantized_matmul(
     int bits,
     Mode mode,
     mx::StreamOrDevice s_) {
-  auto s = mx::to_stream(s_);
-  if (s.device.type != mx::Device::cpu) {
-    throw std::invalid_argument(
-        "[mlx_llama.quantized_matmul] only CPU streams are supported; use "
-        "mx.quantized_matmul on the GPU");
-  }
+  auto s = require_cpu_stream(s_, "quantized_matmul", "mx.quantized_matmul on the GPU");
   auto [N, K] = check_weights(w, scales, biases, group_size, bits);
   if (x.ndim() < 1 || x.shape(-1) != K) {
     std::ostringstream msg;
@@ -190,11 +185,7 @@ mx::array dequantize(
     int group_size,
     int bits,
     mx::StreamOrDevice s_) {
-  auto s = mx::to_stream(s_);
-  if (s.device.type != mx::Device::cpu) {
-    throw std::invalid_argument(
-        "[mlx_llama.dequantize] only CPU streams are supported");
-  }
+  auto s = require_cpu_stream(s_, "dequantize");
   auto [N, K] = check_weights(w, scales, biases, group_size, bits);
   auto [sf, bf] = scale_params(scales, biases, s);
   return mx::array(
