@@ -138,8 +138,8 @@ class Model(nn.Module):
     ) -> mx.array:
         h = self.model.embed_tokens(tokens)
         if h.dtype != self.model.norm.weight.dtype:
-            # A quantized embedding dequantizes to its scales' dtype (bf16 kept for the
-            # CPU kernels); activations take the compute dtype, which the norms hold.
+            # A quantized embedding dequantizes in float32; activations take the
+            # compute dtype, which the norms hold.
             h = h.astype(self.model.norm.weight.dtype)
         L = tokens.shape[1]
         if cache is None:
