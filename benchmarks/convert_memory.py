@@ -54,7 +54,7 @@ def ensure_checkpoint(work: Path, preset: str) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         # In a subprocess, to keep this process small; with the real tokenizer (vocab
         # 128256), which mlx_lm.convert insists on.
-        code = ("import sys; from mlx_llama.random_checkpoint import make_config, write_checkpoint; "
+        code = ("import sys; from mlx_llama.tools.random_checkpoint import make_config, write_checkpoint; "
                 "write_checkpoint(sys.argv[1], make_config(sys.argv[2]), dtype='bfloat16', tokenizer=True)")
         subprocess.run([sys.executable, "-c", code, str(path), preset], check=True)
     return path

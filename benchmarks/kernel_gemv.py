@@ -27,7 +27,7 @@ import numpy as np
 
 import mlx.core as mx
 import mlx_llama  # noqa: F401  (binds OpenBLAS under mx.matmul when available)
-from mlx_llama import qmatmul
+from mlx_llama.kernels import qmatmul
 
 
 STREAM_BYTES = 256 * 2**20  # GEMV weights per timed call: well past the last-level cache

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from mlx_llama.random_checkpoint import PRESETS, make_config, write_checkpoint
+from mlx_llama.tools.random_checkpoint import PRESETS, make_config, write_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,19 +294,19 @@ def worker(spec: dict[str, Any]) -> None:
             os.environ.pop("MLX_LLAMA_BLAS", None)
         else:
             os.environ["MLX_LLAMA_BLAS"] = "reference"
-        from mlx_llama import blas
+        from mlx_llama.kernels import blas
 
         blas.install()
         import mlx.core as mx
         import mlx.nn as nn
 
-        from mlx_llama.bench import qmatmul_backend, rss_bytes
+        from mlx_llama.tools.bench import qmatmul_backend, rss_bytes
 
         info["blas"] = blas.info().describe()
         t_load = time.perf_counter()
         if engine == "mlx-llama":
-            from mlx_llama import generate as gen_mod
-            from mlx_llama.bench import weight_bytes
+            from mlx_llama.generation import loop as gen_mod
+            from mlx_llama.tools.bench import weight_bytes
             from mlx_llama.loader import load_model
 
             info["qmatmul"] = qmatmul_backend()
@@ -347,7 +347,7 @@ def worker(spec: dict[str, Any]) -> None:
     elif engine == "llama.cpp":
         import llama_cpp
 
-        from mlx_llama.bench import rss_bytes
+        from mlx_llama.tools.bench import rss_bytes
 
         info["llama_cpp_python"] = llama_cpp.__version__
         t_load = time.perf_counter()
@@ -413,7 +413,7 @@ def worker(spec: dict[str, Any]) -> None:
 
 def kernels_worker(spec: dict[str, Any]) -> None:
     """mx.quantized_matmul vs dequantize→float32 BLAS vs float32 BLAS at the model's shapes."""
-    from mlx_llama import blas
+    from mlx_llama.kernels import blas
 
     blas.install()
     import mlx.core as mx

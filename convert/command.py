@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 from .pipeline import DTYPES, convert_with_report
 from .quantize import BITS, GROUP_SIZES, RECIPES
 

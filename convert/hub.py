@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 
 # Only what a conversion reads; never pickles, never code.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.jinja"]

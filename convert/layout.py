@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..config import ModelConfig
+from mlx_llama.config import ModelConfig
 
 # Extras some checkpoints carry that the model recomputes; dropped silently.
 HARMLESS_SUFFIXES = (".rotary_emb.inv_freq",)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 from .layout import layer_of, module_of
 from .quantize import Plan, make_plan, quantize_chunk, quantized_shapes
 from .report import Report, dir_size

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from ..config import ModelConfig
-from ..errors import MlxLlamaError
+from mlx_llama.config import ModelConfig
+from mlx_llama.errors import MlxLlamaError
 from .layout import kind_of, layer_of, module_of
 
 BITS = (2, 3, 4, 6, 8)

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 
 # safetensors dtype code -> (numpy storage dtype, mlx dtype); bfloat16 is stored as uint16.
 FLOAT_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {

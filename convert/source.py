@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ModelConfig
-from ..errors import MlxLlamaError
+from mlx_llama.config import ModelConfig
+from mlx_llama.errors import MlxLlamaError
 from . import hub
 from .layout import expected_tensors, is_ignorable
 from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, TensorRef, read_header

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from ..errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 from .safetensors_io import OutTensor, array_bytes, encode_header, pwrite_all
 
 MAX_SHARD_BYTES = 5 << 30

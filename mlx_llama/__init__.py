@@ -1,6 +1,6 @@
 """mlx-llama: run LLaMA-3 models locally with MLX."""
 
-from . import blas as _blas
+from mlx_llama.kernels import blas as _blas
 
 _blas.install()  # first: MLX's CPU BLAS calls go to OpenBLAS once mlx.core loads (blas.py)
 
@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so `mlx_llama.numpy_model` (the NumPy reference) loads without mlx.
+    # Imported on first use, so `mlx_llama.reference.model` (the NumPy reference) loads without mlx.
     if name == "load":
-        from .loader import load
+        from mlx_llama.loader import load
 
         return load
     if name in ("generate_tokens", "GenerationStats"):
-        from . import generate
+        from mlx_llama.generation import loop as generate
 
         return getattr(generate, name)
     raise AttributeError(f"module 'mlx_llama' has no attribute {name!r}")

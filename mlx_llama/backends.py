@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 
 BACKENDS = ("mlx", "numpy")
 
@@ -13,12 +13,12 @@ BACKENDS = ("mlx", "numpy")
 def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple[Any, Any]:
     """`(model, tokenizer)` for a model directory on the named backend."""
     if name == "mlx":
-        from .loader import load
+        from mlx_llama.loader import load
 
         return load(path, dtype)
     if name == "numpy":
-        from .numpy_model import load_numpy_model
-        from .tokenizer import Tokenizer
+        from mlx_llama.reference.model import load_numpy_model
+        from mlx_llama.tokenizer import Tokenizer
 
         model = load_numpy_model(path, dtype)
         return model, Tokenizer.from_dir(model.path)

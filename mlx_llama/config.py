@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MlxLlamaError
+from mlx_llama.errors import MlxLlamaError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import qmatmul
-from .config import ModelConfig, read_optional_json
-from .errors import MlxLlamaError
-from .fuse import fuse_projections
-from .model import Model
+from mlx_llama.kernels import qmatmul
+from mlx_llama.config import ModelConfig, read_optional_json
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.model.fuse_weights import fuse_projections
+from mlx_llama.model.llama import Model
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from mlx_llama.tokenizer import Tokenizer
 
 # Tensors some checkpoints carry that the model derives itself.
 _HARMLESS_EXTRAS = ("rotary_emb.inv_freq",)
@@ -65,8 +65,8 @@ def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array
         return params
 
     # Our QuantizedLinear/QuantizedEmbedding (same parameter names as mlx's) run
-    # on the fast CPU kernels of mlx_llama.qmatmul.
-    from .quantized import quantize
+    # on the fast CPU kernels of mlx_llama.kernels.qmatmul.
+    from mlx_llama.model.quantized import quantize
 
     quantize(model, class_predicate=predicate)
 
@@ -74,7 +74,7 @@ def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array
 def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True) -> Model:
     """Build the model for a directory and load its weights, cast to `dtype`.
 
-    With `fuse`, q/k/v and gate/up become one matmul each (mlx_llama.fuse); without,
+    With `fuse`, q/k/v and gate/up become one matmul each (mlx_llama.model.fuse_weights); without,
     the modules keep the checkpoint's names (to save the model, say).
     """
     model_dir = resolve_model_dir(path)
@@ -124,7 +124,7 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
 
 def load(path: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer | None]:
     """`model, tokenizer = load(dir)`; the tokenizer is None when the directory has none."""
-    from .tokenizer import Tokenizer
+    from mlx_llama.tokenizer import Tokenizer
 
     model = load_model(path, dtype)
     return model, Tokenizer.from_dir(model.path)

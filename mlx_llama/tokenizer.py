@@ -11,9 +11,9 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import LLAMA3_CHAT_TEMPLATE
-from .config import read_optional_json
-from .errors import MlxLlamaError
+from mlx_llama.llama3_template import LLAMA3_CHAT_TEMPLATE
+from mlx_llama.config import read_optional_json
+from mlx_llama.errors import MlxLlamaError
 
 Message = dict[str, str]
 

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_llama.random_checkpoint import make_config, write_checkpoint
+from mlx_llama.tools.random_checkpoint import make_config, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES260K = REPO.parent / "shared" / "fixtures" / "stories260K"

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from mlx_llama.cli import main
+from mlx_llama.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_bench_table_and_quantized_model(tiny: Path, tmp_path: Path) -> None:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_llama.bench import count_params, run_bench, weight_bytes
+    from mlx_llama.tools.bench import count_params, run_bench, weight_bytes
     from mlx_llama.loader import load_model
 
     model = load_model(tiny)

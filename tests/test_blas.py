@@ -13,7 +13,7 @@ import pytest
 
 import mlx_llama  # noqa: F401  (installs the BLAS hook)
 import mlx.core as mx
-from mlx_llama import blas
+from mlx_llama.kernels import blas
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenBLAS rebinding is Linux-only")
 
@@ -58,7 +58,7 @@ def test_batched_and_addmm_match_numpy() -> None:
 def test_env_var_keeps_reference_blas_and_results_agree() -> None:
     code = textwrap.dedent("""
         import numpy as np, mlx_llama, mlx.core as mx
-        from mlx_llama import blas
+        from mlx_llama.kernels import blas
         a = np.random.default_rng(0).standard_normal((64, 80), dtype=np.float32)
         print(blas.info().name, float(np.abs(np.array(mx.array(a) @ mx.array(a.T)) - a @ a.T).max()))
     """)
@@ -170,7 +170,7 @@ def test_gemv_forward_is_default_with_opt_out() -> None:
     assert blas.verify()
     code = textwrap.dedent("""
         import numpy as np, mlx_llama, mlx.core as mx
-        from mlx_llama import blas
+        from mlx_llama.kernels import blas
         rng = np.random.default_rng(0)
         a = rng.standard_normal((1, 300), dtype=np.float32)
         b = rng.standard_normal((257, 300), dtype=np.float32)
@@ -197,7 +197,7 @@ def test_mlx_lm_stream_generate_does_not_deadlock(tiny_chat_model) -> None:
     pytest.importorskip("mlx_lm")
     code = textwrap.dedent(f"""
         import mlx_llama
-        from mlx_llama import blas
+        from mlx_llama.kernels import blas
         from mlx_lm import load, stream_generate
         model, tok = load({str(tiny_chat_model)!r})
         n = sum(1 for _ in stream_generate(model, tok, "Hello there", max_tokens=8))

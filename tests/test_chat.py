@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_llama import chat_command, prompt_cache
-from mlx_llama.cache import RotatingKVCache
-from mlx_llama.chat_session import ChatSession
-from mlx_llama.cli import main
-from mlx_llama.generate import generate_tokens, prefill
+from mlx_llama.cli import chat as chat_command
+from mlx_llama.generation import prompt_cache
+from mlx_llama.model.cache import RotatingKVCache
+from mlx_llama.chat.session import ChatSession
+from mlx_llama.cli.main import main
+from mlx_llama.generation.loop import generate_tokens, prefill
 from mlx_llama.loader import load
 
 SYSTEM = "You are a terse assistant."

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlx_llama.convert import convert, convert_with_report
 from mlx_llama.convert.command import convert_command
 from mlx_llama.loader import load_model
-from mlx_llama.random_checkpoint import make_config, write_checkpoint
+from mlx_llama.tools.random_checkpoint import make_config, write_checkpoint
 
 from conftest import SMALL_VOCAB, STORIES260K
 

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from mlx_llama.cli import main
+from mlx_llama.cli.main import main
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -46,7 +46,7 @@ def test_offline_hub_repo(offline_cache, tmp_path):
 def test_offline_hub_repo_in_a_fresh_process(offline_cache, tmp_path):
     """The real entry point, with the environment set before huggingface_hub is imported."""
     env = {**os.environ, "HF_HUB_CACHE": str(offline_cache), "HF_HUB_OFFLINE": "1"}
-    code = "import sys; from mlx_llama.cli import main; sys.exit(main())"
+    code = "import sys; from mlx_llama.cli.main import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, "convert", "org/tiny-llama", "-o", "out"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from mlx_llama.cli import main
+from mlx_llama.cli.main import main
 
 
 def test_demo_runs_offline_and_cross_checks(tiny_chat_model, tmp_path):

@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up projections (mlx_llama.fuse) give the unfused model's results."""
+"""Fused q/k/v and gate/up projections (mlx_llama.model.fuse_weights) give the unfused model's results."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama import qmatmul
+from mlx_llama.kernels import qmatmul
 from mlx_llama.loader import load_model
-from mlx_llama.quantized import QuantizedLinear
+from mlx_llama.model.quantized import QuantizedLinear
 
 TOKENS = mx.array([[1, 17, 33, 5, 200, 9, 4]])
 

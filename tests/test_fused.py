@@ -18,9 +18,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_llama import fused, qmatmul
+from mlx_llama.kernels import ops as fused, qmatmul
 from mlx_llama.loader import load_model
-from mlx_llama.rope import inverse_frequencies
+from mlx_llama.model.rope import inverse_frequencies
 
 pytestmark = pytest.mark.skipif(qmatmul._ext is None, reason="extension not built")
 ext = qmatmul._ext

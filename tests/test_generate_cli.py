@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_llama import generate_tokens
-from mlx_llama.cli import main
+from mlx_llama.cli.main import main
 from mlx_llama.loader import load_model
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_llama.check import compare
-from mlx_llama.cli import main
-from mlx_llama.generate import generate_tokens
+from mlx_llama.tools.check import compare
+from mlx_llama.cli.main import main
+from mlx_llama.generation.loop import generate_tokens
 from mlx_llama.loader import load_model
-from mlx_llama.numpy_model import load_numpy_model
+from mlx_llama.reference.model import load_numpy_model
 
 REL_TOL = 1e-4  # float32, relative to the largest |logit| at each position
 PROMPT = np.random.default_rng(1).integers(0, 256, 23).tolist()
@@ -64,14 +64,14 @@ def models(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPa
 
 
 def test_numpy_model_imports_no_mlx() -> None:
-    code = "import sys, mlx_llama.numpy_model; assert not [m for m in sys.modules if m.split('.')[0] == 'mlx']"
+    code = "import sys, mlx_llama.reference.model; assert not [m for m in sys.modules if m.split('.')[0] == 'mlx']"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_dequantize_is_bit_exact(bits: int, group_size: int) -> None:
-    from mlx_llama.dequantize import dequantize
+    from mlx_llama.reference.dequantize import dequantize
 
     w = mx.random.normal((48, 512), key=mx.random.key(bits * group_size)) * 0.05
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
@@ -139,7 +139,7 @@ def test_numpy_matches_transformers(make_checkpoint: Callable[..., Path], overri
 
 
 def test_bfloat16_checkpoint_is_widened_exactly(tmp_path: Path) -> None:
-    from mlx_llama.random_checkpoint import make_config, write_checkpoint
+    from mlx_llama.tools.random_checkpoint import make_config, write_checkpoint
 
     path = write_checkpoint(tmp_path, make_config("tiny", vocab_size=256), dtype="bfloat16", tokenizer=False)
     report = compare(load_model(path, "float32"), load_numpy_model(path), PROMPT, tokens=4, tolerance=REL_TOL)
@@ -156,7 +156,7 @@ def test_check_command_passes_on_healthy_models(models: dict[str, Path], name: s
 
 @pytest.mark.parametrize("name", ["8bit-g64", "4bit-g32-untied"])
 def test_check_command_q8_kernel_within_its_tolerance(models: dict[str, Path], name: str) -> None:
-    from mlx_llama.check import Q8_TOLERANCE
+    from mlx_llama.tools.check import Q8_TOLERANCE
 
     result = CliRunner().invoke(main, ["check", "-m", str(models[name]), "--tokens", "8", "--qmm", "q8"])
     assert result.exit_code == 0, result.output
@@ -166,7 +166,7 @@ def test_check_command_q8_kernel_within_its_tolerance(models: dict[str, Path], n
 @pytest.mark.parametrize("name", ["float-gqa-tied-llama3", "4bit-g32-untied"])
 def test_check_command_names_the_broken_layer(models: dict[str, Path], name: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlx_llama.check_command as check_command
+    import mlx_llama.cli.check as check_command
 
     def load_broken(path: Any, dtype: Any = None) -> Any:
         model = load_model(path, dtype)
@@ -205,8 +205,8 @@ def test_dequantize_per_call_matches_at_load(models: dict[str, Path]) -> None:
 
 def test_numpy_backend_user_errors(models: dict[str, Path], tmp_path: Path) -> None:
     from mlx_llama.errors import MlxLlamaError
-    from mlx_llama.numpy_model import NumpyModel
-    from mlx_llama.numpy_weights import read_numpy_weights
+    from mlx_llama.reference.model import NumpyModel
+    from mlx_llama.reference.weights import read_numpy_weights
     from mlx_llama.config import ModelConfig
 
     path = models["float-mha-untied"]

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama import qmatmul
+from mlx_llama.kernels import qmatmul
 
 ext = pytest.importorskip("mlx_llama._qmm_ext", reason="C++ extension not built")
 
@@ -245,7 +245,7 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("bits", (4, 8))
 def test_greedy_tokens_match_mlx(make_quantized_dir, bits):
     from mlx_llama.loader import load_model
-    from mlx_llama.quantized import QuantizedEmbedding, QuantizedLinear
+    from mlx_llama.model.quantized import QuantizedEmbedding, QuantizedLinear
 
     qdir = make_quantized_dir(bits, 64)
     model = load_model(qdir, dtype="float32")

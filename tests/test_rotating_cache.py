@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama.cache import KVCache, RotatingKVCache
+from mlx_llama.model.cache import KVCache, RotatingKVCache
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.loader import load_model
 

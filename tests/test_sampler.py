@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama.sampler import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
+from mlx_llama.generation.sampler import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))
 XPS = [np, mx]

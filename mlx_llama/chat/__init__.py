@@ -1,0 +1,1 @@
+"""Multi-turn conversations that keep their KV cache between turns."""

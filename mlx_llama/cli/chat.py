@@ -1,0 +1,195 @@
+"""`mlx-llama chat`: a terminal REPL over ChatSession, or a line-per-turn filter when piped."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import click
+
+from mlx_llama.generation.prompt_cache import PromptCacheFile
+from mlx_llama.backends import load_backend
+from mlx_llama.chat.session import ChatSession
+from mlx_llama.cli.options import model_options, sampling_kwargs, sampling_options
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.loader import read_generation_config
+from mlx_llama.generation.sampler import SamplingParams
+
+PROMPT = ">>> "
+
+HELP = """\
+Commands:
+  /help          this help
+  /reset         start a new conversation (same system prompt)
+  /system TEXT   set the system prompt (/system alone shows it)
+  /save FILE     save the conversation as JSON
+  /load FILE     load a conversation saved with /save
+  /stats         cache size and the last turn's speed
+  /exit          leave (Ctrl-D works too)
+Ctrl-C stops an answer; the partial answer stays in the conversation."""
+
+
+def _stats_line(session: ChatSession) -> str:
+    cache = f"cache: {session.cache_tokens} tokens"
+    cache += f" (max {session.max_kv_size}, system kept: {session.keep})" if session.rotating else \
+        f" (context {session.context_limit})"
+    st = session.last_stats
+    if st is None:
+        return cache + " | no turn yet"
+    return (f"{cache} | last turn: prefill {st.prompt_tokens} tokens at {st.prompt_tps:.1f} tok/s, "
+            f"generated {st.generation_tokens} tokens at {st.generation_tps:.1f} tok/s")
+
+
+def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:
+    """Run a /command; False means leave."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        say(HELP)
+    elif name == "/reset":
+        session.reset()
+        say("[new conversation]")
+    elif name == "/system":
+        if arg:
+            session.set_system(arg)
+            say("[system prompt set]")
+        else:
+            say(session.system if session.system is not None else "[no system prompt]")
+    elif name == "/save":
+        if not arg:
+            raise MlxLlamaError("usage: /save FILE")
+        session.save(Path(arg).expanduser())
+        say(f"[saved {len(session.messages)} messages to {arg}]")
+    elif name == "/load":
+        if not arg:
+            raise MlxLlamaError("usage: /load FILE")
+        session.load(Path(arg).expanduser())
+        say(f"[loaded {len(session.messages)} messages from {arg}]")
+    elif name == "/stats":
+        say(_stats_line(session))
+    else:
+        say(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    out = sys.stdout
+    click.echo("mlx-llama chat: /help for commands, Ctrl-C stops an answer, Ctrl-D quits.")
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()  # like a shell: Ctrl-C at the prompt clears the line
+            continue
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, click.echo):
+                    return
+                continue
+            answer = session.ask(line)
+        except MlxLlamaError as e:
+            click.echo(f"error: {e}")
+            continue
+        except KeyboardInterrupt:
+            click.echo(" [interrupted]")
+            continue
+        try:
+            for piece in answer:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [interrupted]")
+        except MlxLlamaError as e:
+            out.write(f"\nerror: {e}")
+        finally:
+            answer.close()
+        out.write("\n")
+        out.flush()
+        after_turn()
+
+
+def _scripted(session: ChatSession, lines: TextIO, jsonl: bool, after_turn: Callable[[], None]) -> None:
+    """Each input line is one user turn (or a /command); only answers go to stdout."""
+    out = sys.stdout
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, say):
+                return
+            continue
+        pieces = []
+        for piece in session.ask(line):
+            pieces.append(piece)
+            if not jsonl:
+                out.write(piece)
+                out.flush()
+        st = session.last_stats
+        if jsonl:
+            record: dict[str, Any] = {
+                "user": line, "assistant": "".join(pieces), "prompt_tokens": st.prompt_tokens,
+                "generation_tokens": st.generation_tokens, "finish_reason": st.finish_reason,
+                "cache_tokens": session.cache_tokens,
+            }
+            out.write(json.dumps(record, ensure_ascii=False))
+        out.write("\n")
+        out.flush()
+        after_turn()
+
+
+@click.command("chat")
+@model_options
+@click.option("--system", help="System prompt.")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Reuse the KV cache of the first prompt from this file, and save it there.")
+@click.option("--jsonl", is_flag=True,
+              help="When piped: print each answer as one JSON line with token counts.")
+@sampling_options
+def chat_command(model_path: str, backend: str, dtype: str | None, system: str | None,
+                 prompt_cache: Path | None, jsonl: bool, **opts: Any) -> None:
+    """Chat with a model; the KV cache is kept between turns.
+
+    Interactive on a terminal.  With stdin piped, every line is one user turn
+    (or a /command) and only the answers are printed, one per line.
+    """
+    notify = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if prompt_cache is not None and backend != "mlx":
+        raise MlxLlamaError("--prompt-cache needs the mlx backend")
+    model, tokenizer = load_backend(backend, model_path, dtype)
+    kw = sampling_kwargs(opts, read_generation_config(Path(model_path)))
+    if kw["max_kv_size"] is not None and kw["max_kv_size"] < 2:
+        raise MlxLlamaError("--max-kv-size must be at least 2")
+    session = ChatSession(
+        model, tokenizer, system=system,
+        sampling=SamplingParams(kw["temperature"], kw["top_p"], kw["top_k"], kw["min_p"],
+                                kw["repetition_penalty"], kw["repetition_context_size"], kw["seed"]),
+        max_tokens=kw["max_tokens"], max_kv_size=kw["max_kv_size"], keep=kw["keep"],
+        prefill_step_size=kw["prefill_step_size"], notify=notify,
+    )
+    after_turn: Callable[[], None] = lambda: None
+    if prompt_cache is not None:
+        pc = PromptCacheFile(prompt_cache, model_path, model, notify)
+        loaded = pc.load(session.max_kv_size, session.keep)
+        if loaded is not None:
+            session.adopt_cache(*loaded)  # the first turn keeps the prefix it shares
+        after_turn = lambda: pc.store(session.cache, session.first_prompt_ids())  # noqa: E731
+    stdin = sys.stdin
+    if stdin.isatty():
+        _interactive(session, after_turn)
+    else:
+        _scripted(session, stdin, jsonl, after_turn)

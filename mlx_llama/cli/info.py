@@ -1,0 +1,107 @@
+"""`mlx-llama info`: versions, device, active BLAS and quantized-matmul kernel, CPU features."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+import click
+
+# CPU features that decide which SIMD kernels (ours, OpenBLAS's, llama.cpp's) can run.
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx_vnni", "avx512_bf16", "amx_tile", "neon", "asimd", "asimddp", "sve", "i8mm", "bf16")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "isa": [f for f in _ISA_FLAGS if f in flags],
+    }
+
+
+def blas_libraries() -> list[str]:
+    """BLAS-looking shared libraries mapped into this process."""
+    from mlx_llama.kernels.blas import loaded_libraries
+
+    try:
+        libs = loaded_libraries()
+    except OSError:
+        return []
+    return [p for p in libs if any(k in os.path.basename(p).lower() for k in ("blas", "lapack", "mkl"))]
+
+
+def collect() -> dict[str, Any]:
+    import mlx.core as mx
+
+    from mlx_llama.kernels import blas
+    from mlx_llama.tools.bench import qmatmul_backend
+
+    b = blas.info()
+    env = {k: os.environ[k] for k in (blas.ENV_VAR, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
+    return {
+        "versions": {
+            "mlx-llama": _version("mlx-llama"),
+            "mlx": mx.__version__,
+            "mlx-lm": _version("mlx-lm"),
+            "numpy": _version("numpy"),
+            "scipy-openblas32": _version("scipy-openblas32"),
+            "python": platform.python_version(),
+        },
+        "device": {"default": "cpu" if mx.default_device() == mx.cpu else "gpu",
+                   "metal_available": bool(getattr(mx, "metal", None) and mx.metal.is_available())},
+        "blas": {"active": b.name, "description": b.describe(), "threads": b.threads,
+                 "rebound_symbols": len(b.symbols), "verified": blas.verify(), "loaded_libraries": blas_libraries()},
+        "quantized_matmul": qmatmul_backend(),
+        "cpu": cpu_info(),
+        "env": env,
+    }
+
+
+@click.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_command(as_json: bool) -> None:
+    """Show versions, the MLX device, the active BLAS, the quantized-matmul kernel and CPU features."""
+    data = collect()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    v = data["versions"]
+    click.echo("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    click.echo(f"device: MLX default {data['device']['default']}"
+               f"{' (Metal available)' if data['device']['metal_available'] else ''}")
+    click.echo(f"BLAS: {data['blas']['description']}"
+               f"{' [slots verified]' if data['blas']['verified'] else ''}")
+    for lib in data["blas"]["loaded_libraries"]:
+        click.echo(f"  loaded: {lib}")
+    click.echo(f"quantized matmul: {data['quantized_matmul']}")
+    c = data["cpu"]
+    click.echo(f"CPU: {c['model']} ({c['machine']}), {c['usable_cores']} of {c['cores']} cores usable")
+    click.echo(f"ISA: {' '.join(c['isa']) or '?'}")
+    for k, val in data["env"].items():
+        click.echo(f"env: {k}={val}")

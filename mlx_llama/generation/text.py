@@ -1,0 +1,66 @@
+"""Text-level generation: token stream → text pieces, with stop strings."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+from mlx_llama.tokenizer import Tokenizer
+
+
+class StopStringFilter:
+    """Passes text through until a stop string appears; holds back possible prefixes of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        text = self._held + text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[: min(hits)]
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text
+
+
+def stream_text(
+    tokens: Iterator[int], tokenizer: Tokenizer, stop_strings: Sequence[str] = ()
+) -> Iterator[str]:
+    """Text pieces of a token stream; closes the stream at a stop string.
+
+    Stop tokens end the text silently (they are not printed).
+    """
+    detok = tokenizer.detokenizer()
+    stops = StopStringFilter(stop_strings)
+    try:
+        for tok in tokens:
+            if tok in tokenizer.stop_ids:
+                break
+            piece = stops.feed(detok.add(tok))
+            if piece:
+                yield piece
+            if stops.stopped:
+                return
+        tail = stops.feed(detok.flush())
+        tail += "" if stops.stopped else stops.flush()
+        if tail:
+            yield tail
+    finally:
+        close: Any = getattr(tokens, "close", None)
+        if close:
+            close()

@@ -1,0 +1,75 @@
+"""RMSNorm, RoPE, SwiGLU and attention, each one graph node on the CPU.
+
+MLX's CPU backend has no kernels for `mx.fast.rms_norm`, `mx.fast.rope` and
+`mx.fast.scaled_dot_product_attention`: it expands them into 11, 27 and 12 small
+ops, so a 1B decode step had ~2300 graph nodes and spent ~15 ms per token on
+their bookkeeping; its compiled SiLU calls libm per element (~9% of a 1B
+prefill).  On CPU streams with the extension these go to its fused
+primitives (float32, within ~1e-6 of mx.fast; tests/test_fused.py); everywhere
+else (Metal, no extension, ``MLX_LLAMA_QMM=mlx``) to `mx.fast`.
+
+Layout: activations are (B, L, heads, head_dim), as the projections produce
+them; the KV cache stores (B, kv_heads, T, head_dim).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_llama.kernels import qmatmul
+
+# Attention over more query rows than this goes to mx.fast's matmul-based
+# expansion (OpenBLAS), which beats the per-row kernel once there are many rows.
+ATTENTION_MAX_ROWS = 16
+
+
+def _ext() -> Any:
+    """The extension when the fused CPU ops apply (as for the quantized matmul), else None."""
+    return qmatmul.active_extension()
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    ext = _ext()
+    if ext is not None and x.dtype == mx.float32:
+        return ext.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, offset: int, periods: mx.array) -> mx.array:
+    """Half-split RoPE of x (B, L, H, D) at positions offset + l; `periods` = 1 / inverse frequencies."""
+    ext = _ext()
+    if ext is not None and x.dtype == mx.float32:
+        return ext.rope(x, offset, periods)
+    y = mx.fast.rope(
+        x.transpose(0, 2, 1, 3), x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=periods
+    )
+    return y.transpose(0, 2, 1, 3)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up."""
+    ext = _ext()
+    if ext is not None and gate.dtype == mx.float32 and up.dtype == mx.float32:
+        return ext.swiglu(gate, up)
+    return nn.silu(gate) * up
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
+    """softmax(q k^T * scale + mask) v: q (B, L, H, D), k and v (B, Hkv, T, D) → (B, L, H, D).
+
+    `mask` is None, "causal" (query block aligned with the last L keys) or an
+    additive/boolean array broadcastable to (B, H, L, T).
+    """
+    ext = _ext()
+    if (
+        ext is not None
+        and q.dtype == mx.float32
+        and q.shape[1] <= ATTENTION_MAX_ROWS
+        and (mask is None or (isinstance(mask, str) and mask == "causal"))
+    ):
+        return ext.attention(q, k, v, scale=scale, causal=mask is not None)
+    out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3)

@@ -1,0 +1,162 @@
+"""The LLaMA-3 decoder in MLX: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_llama.kernels import ops as fused
+from mlx_llama.kernels import qmatmul
+from mlx_llama.model.cache import make_cache
+from mlx_llama.config import ModelConfig
+from mlx_llama.model.rope import RoPE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float) -> None:
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return fused.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        h, hd = cfg.hidden_size, cfg.head_dim
+        # Split points of the fused q/k/v output (mlx_llama.model.fuse_weights; the loader fuses).
+        self.qkv_splits = [self.n_heads * hd, (self.n_heads + self.n_kv_heads) * hd]
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        self.rope = RoPE(hd, cfg.rope_theta, cfg.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, heads, head_dim) throughout; the cache stores (B, kv_heads, T, head_dim).
+        if "qkv_proj" in self:
+            q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
+        else:  # projections whose formats differ (mlx_llama.model.fuse_weights)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        v = v.reshape(B, L, self.n_kv_heads, -1)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset)
+        k = self.rope(k, offset).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # GQA: kv heads are shared by n_heads // n_kv_heads queries.
+        out = fused.attention(q, k, v, self.scale, mask)
+        return self.o_proj(out.reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:  # projections whose formats differ (mlx_llama.model.fuse_weights)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fused.swiglu(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """`Model(cfg)(tokens, cache)` → logits; tensor names match HF checkpoints.
+
+    The loader then fuses q/k/v and gate/up into one matmul each (mlx_llama.model.fuse_weights).
+    """
+
+    xp = mx  # the array library the generation loop drives this model with
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
+        return make_cache(len(self.layers), max_kv_size, keep)
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: Sequence[Any] | None = None,
+        *,
+        last_only: bool = False,
+        hidden_states: list[mx.array] | None = None,
+    ) -> mx.array:
+        """Logits (B, L, vocab) for `tokens` (B, L); (B, 1, vocab) with `last_only`.
+
+        `hidden_states`, when given, receives the embeddings and each layer's output.
+        """
+        with qmatmul.resolved():
+            return self._forward(tokens, cache, last_only, hidden_states)
+
+    def _forward(
+        self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
+    ) -> mx.array:
+        h = self.model.embed_tokens(tokens)
+        if h.dtype != self.model.norm.weight.dtype:
+            # A quantized embedding dequantizes in float32; activations take the
+            # compute dtype, which the norms hold.
+            h = h.astype(self.model.norm.weight.dtype)
+        L = tokens.shape[1]
+        if cache is None:
+            cache = [None] * len(self.layers)
+            mask = "causal" if L > 1 else None
+        else:
+            mask = cache[0].make_mask(L)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        if last_only:
+            h = h[:, -1:, :]
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)

@@ -1,0 +1,1 @@
+"""The NumPy reference implementation of the same model, written independently to cross-check MLX (imports no mlx)."""

@@ -1,0 +1,1 @@
+"""Measurement and test helpers: benchmarks, the MLX-vs-NumPy check, random-weight checkpoints."""
