@@ -27,7 +27,7 @@ import numpy as np
 
 import mlx.core as mx
 import mlx_llama  # noqa: F401  (binds OpenBLAS under mx.matmul when available)
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension
 
 
 STREAM_BYTES = 256 * 2**20  # GEMV weights per timed call: well past the last-level cache
@@ -76,13 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     mx.set_default_device(mx.cpu)
 
-    ext = qmatmul._ext
+    ext = extension._ext
     if ext is None:
-        raise SystemExit(f"extension not available: {qmatmul.backend_name()}")
+        raise SystemExit(f"extension not available: {extension.backend_name()}")
     if args.threads:
         ext.set_num_threads(args.threads)
     nthreads = ext.num_threads()
-    print(f"kernel: {qmatmul.backend_name()}")
+    print(f"kernel: {extension.backend_name()}")
     try:
         load = os.getloadavg()
         print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from mlx_llama.errors import MlxLlamaError
-from .pipeline import DTYPES, convert_with_report
+from mlx_llama.loader import DTYPES
+
+from .pipeline import convert_with_report
 from .quantize import BITS, GROUP_SIZES, RECIPES
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import mlx.core as mx
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.loader import DTYPES
 from .layout import layer_of, module_of
 from .quantize import Plan, make_plan, quantize_chunk, quantized_shapes
 from .report import Report, dir_size
@@ -20,7 +21,6 @@ from .safetensors_io import OutTensor, RowReader, TensorRef
 from .source import Source, open_source, source_name
 from .writer import MAX_SHARD_BYTES, ShardWriter, check_output_dir, staged_output
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Copied verbatim when present: tokenizer, chat template, generation defaults.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "tokenizer.model", "chat_template.json", "generation_config.json")

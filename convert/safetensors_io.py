@@ -32,6 +32,8 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 
 MLX_TO_CODE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 CODE_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
+# The sharded checkpoint's tensor → file map (HF convention).
+INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 

@@ -12,9 +12,8 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
 from . import hub
 from .layout import expected_tensors, is_ignorable
-from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, TensorRef, read_header
+from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, INDEX, TensorRef, read_header
 
-INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "consolidated.*.pth", "*.pt", "*.ckpt", "original/consolidated.*.pth")
 
 

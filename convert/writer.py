@@ -21,10 +21,9 @@ from typing import Iterator
 import mlx.core as mx
 
 from mlx_llama.errors import MlxLlamaError
-from .safetensors_io import OutTensor, array_bytes, encode_header, pwrite_all
+from .safetensors_io import INDEX, OutTensor, array_bytes, encode_header, pwrite_all
 
 MAX_SHARD_BYTES = 5 << 30
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass

@@ -21,5 +21,5 @@ def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple
         from mlx_llama.tokenizer import Tokenizer
 
         model = load_numpy_model(path, dtype)
-        return model, Tokenizer.from_dir(model.path)
+        return model, Tokenizer.from_dir(model.path, model.config, model.generation_config)
     raise MlxLlamaError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")

@@ -64,8 +64,7 @@ class ModelConfig:
                 f"num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv})"
             )
         rope_theta, rope_scaling = _read_rope(raw)
-        eos = raw.get("eos_token_id")
-        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        eos_ids = token_ids(raw.get("eos_token_id"))
         return cls(
             hidden_size=hidden,
             num_hidden_layers=layers,
@@ -143,6 +142,13 @@ class ModelConfig:
         if isinstance(override, dict):
             return {"group_size": int(override["group_size"]), "bits": int(override["bits"])}
         return {"group_size": int(q["group_size"]), "bits": int(q["bits"])}
+
+
+def token_ids(value: Any) -> list[int]:
+    """An `eos_token_id`-style field: absent, one id, or a list of ids."""
+    if value is None:
+        return []
+    return [int(e) for e in (value if isinstance(value, list) else [value])]
 
 
 def read_optional_json(path: Path) -> dict[str, Any]:

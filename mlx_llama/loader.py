@@ -8,17 +8,16 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_llama.kernels import qmatmul
-from mlx_llama.config import ModelConfig, read_optional_json
+from mlx_llama.kernels import extension, qmatmul
+from mlx_llama.config import ModelConfig
+from mlx_llama.model_dir import IGNORED_TENSOR_SUFFIXES, ModelDir
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.model.fuse_weights import fuse_projections
 from mlx_llama.model.llama import Model
+from mlx_llama.model.quantized import quantize, require_affine
 
 if TYPE_CHECKING:
     from mlx_llama.tokenizer import Tokenizer
-
-# Tensors some checkpoints carry that the model derives itself.
-_HARMLESS_EXTRAS = ("rotary_emb.inv_freq",)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -28,21 +27,9 @@ def default_dtype() -> str:
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise MlxLlamaError(f"model directory {str(path)!r} not found")
-    if not (p / "config.json").is_file():
-        raise MlxLlamaError(f"{p} has no config.json: not a model directory")
-    return p
-
-
-def read_weights(model_dir: Path) -> dict[str, mx.array]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MlxLlamaError(f"no *.safetensors files in {model_dir}")
+def read_weights(model_dir: ModelDir) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
-    for f in files:
+    for f in model_dir.weight_files():
         try:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError, OSError) as e:
@@ -52,9 +39,7 @@ def read_weights(model_dir: Path) -> dict[str, mx.array]:
 
 def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
     """Swap in quantized layers wherever the checkpoint holds `.scales` for them."""
-    q = cfg.quantization or {}
-    if q.get("mode", "affine") != "affine":
-        raise MlxLlamaError(f"unsupported quantization mode {q.get('mode')!r}: only affine is supported")
+    require_affine((cfg.quantization or {}).get("mode"))
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if f"{path}.scales" not in weights:
@@ -66,8 +51,6 @@ def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array
 
     # Our QuantizedLinear/QuantizedEmbedding (same parameter names as mlx's) run
     # on the fast CPU kernels of mlx_llama.kernels.qmatmul.
-    from mlx_llama.model.quantized import quantize
-
     quantize(model, class_predicate=predicate)
 
 
@@ -77,13 +60,13 @@ def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True)
     With `fuse`, q/k/v and gate/up become one matmul each (mlx_llama.model.fuse_weights); without,
     the modules keep the checkpoint's names (to save the model, say).
     """
-    model_dir = resolve_model_dir(path)
-    cfg = ModelConfig.from_file(model_dir / "config.json")
+    model_dir = ModelDir.open(path)
+    cfg = model_dir.config
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise MlxLlamaError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     weights = read_weights(model_dir)
-    weights = {k: v for k, v in weights.items() if not k.endswith(_HARMLESS_EXTRAS)}
+    weights = {k: v for k, v in weights.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model = Model(cfg)
@@ -93,7 +76,7 @@ def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True)
     # dtype, except half-precision scales/biases our CPU kernels read as they are
     # (exact, and half a bit per weight less memory traffic than float32).
     target = DTYPES[dtype]
-    keep_half = target == mx.float32 and qmatmul.reads_half_scales()
+    keep_half = target == mx.float32 and extension.reads_half_scales()
 
     def cast(k: str, v: mx.array) -> mx.array:
         if not mx.issubdtype(v.dtype, mx.floating):
@@ -106,20 +89,15 @@ def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise MlxLlamaError(f"weights in {model_dir} do not fit the config: {e}") from None
+        raise MlxLlamaError(f"weights in {model_dir.path} do not fit the config: {e}") from None
     del weights  # the model holds what it needs: fusing must free the parts
     if fuse:
         fuse_projections(model)
         mx.clear_cache()  # return the parts' buffers instead of keeping them for reuse
     mx.eval(model.parameters())
     model.eval()
-    model.dtype = target
-    model.path = model_dir
+    model.path, model.generation_config = model_dir.path, model_dir.generation_config
     return model
-
-
-def read_generation_config(model_dir: Path) -> dict[str, Any]:
-    return read_optional_json(Path(model_dir) / "generation_config.json")
 
 
 def load(path: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer | None]:
@@ -127,4 +105,4 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[Model, Tokenizer |
     from mlx_llama.tokenizer import Tokenizer
 
     model = load_model(path, dtype)
-    return model, Tokenizer.from_dir(model.path)
+    return model, Tokenizer.from_dir(model.path, model.config, model.generation_config)

@@ -12,10 +12,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from mlx_llama.llama3_template import LLAMA3_CHAT_TEMPLATE
-from mlx_llama.config import read_optional_json
+from mlx_llama.config import ModelConfig, read_optional_json, token_ids
 from mlx_llama.errors import MlxLlamaError
-
-Message = dict[str, str]
+from mlx_llama.interfaces import Message
 
 
 def _token_text(value: Any) -> str | None:
@@ -36,13 +35,6 @@ def _read_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | No
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)
     return template
-
-
-def _eos_ids(config: dict[str, Any]) -> list[int]:
-    eos = config.get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
 def _raise_exception(message: str) -> None:
@@ -70,7 +62,6 @@ class Tokenizer:
         if eot is not None:
             stop.add(eot)
         self.stop_ids = frozenset(stop)
-        self.has_chat_template = chat_template is not None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -80,11 +71,13 @@ class Tokenizer:
             raise MlxLlamaError(f"the model's chat template does not parse: {e}") from None
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Tokenizer | None":
+    def from_dir(cls, model_dir: str | Path, config: ModelConfig | None = None,
+                 generation_config: dict[str, Any] | None = None) -> "Tokenizer | None":
         """The tokenizer of a model directory, or None when it ships no tokenizer.json.
 
         Stop tokens: every eos id in config.json, generation_config.json and
-        tokenizer_config.json, plus `<|eot_id|>`.
+        tokenizer_config.json, plus `<|eot_id|>`.  A loaded model passes its
+        configs; otherwise they are read from the directory.
         """
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
@@ -95,8 +88,11 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises its own exception type
             raise MlxLlamaError(f"cannot read {path}: {e}") from None
         tok_config = read_optional_json(model_dir / "tokenizer_config.json")
-        eos_ids = _eos_ids(read_optional_json(model_dir / "config.json"))
-        eos_ids += _eos_ids(read_optional_json(model_dir / "generation_config.json"))
+        if generation_config is None:
+            generation_config = read_optional_json(model_dir / "generation_config.json")
+        eos_ids = list(config.eos_token_id) if config is not None else token_ids(
+            read_optional_json(model_dir / "config.json").get("eos_token_id"))
+        eos_ids += token_ids(generation_config.get("eos_token_id"))
         eos_text = _token_text(tok_config.get("eos_token"))
         if eos_text and backend.token_to_id(eos_text) is not None:
             eos_ids.append(backend.token_to_id(eos_text))

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension
 from mlx_llama.loader import load_model
 from mlx_llama.model.quantized import QuantizedLinear
 
@@ -30,7 +30,7 @@ def test_fused_quantized_model_is_bit_identical(make_quantized_dir, mode):
     assert isinstance(attn.qkv_proj, QuantizedLinear) and "q_proj" not in attn
     assert isinstance(mlp.gate_up_proj, QuantizedLinear) and "up_proj" not in mlp
     assert "qkv_proj" not in plain.layers[0].self_attn
-    with qmatmul.using_mode(mode):
+    with extension.using_mode(mode):
         # Each output row is computed from its own weights and the same activations.
         np.testing.assert_array_equal(_decode_logits(fused), _decode_logits(plain))
 
@@ -51,7 +51,7 @@ def test_mixed_precision_projections_stay_separate(make_quantized_dir):
     first, second = model.layers[0], model.layers[1]
     assert "qkv_proj" not in first.self_attn and first.self_attn.v_proj.bits == 8
     assert "gate_up_proj" in first.mlp and "qkv_proj" in second.self_attn
-    with qmatmul.using_mode("exact"):
+    with extension.using_mode("exact"):
         np.testing.assert_array_equal(
             _decode_logits(model), _decode_logits(load_model(qdir, "float32", fuse=False))
         )

@@ -18,12 +18,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_llama.kernels import ops as fused, qmatmul
+from mlx_llama.kernels import extension, ops as fused, qmatmul
 from mlx_llama.loader import load_model
 from mlx_llama.model.rope import inverse_frequencies
 
-pytestmark = pytest.mark.skipif(qmatmul._ext is None, reason="extension not built")
-ext = qmatmul._ext
+pytestmark = pytest.mark.skipif(extension._ext is None, reason="extension not built")
+ext = extension._ext
 RNG = np.random.default_rng(0)
 
 
@@ -98,7 +98,7 @@ def test_mlx_mode_uses_mx_fast_with_the_same_layout():
     q, k, v, w = randn(1, 1, 8, 64), randn(1, 2, 9, 64), randn(1, 2, 9, 64), randn(64)
     outs = {}
     for mode in ("exact", "mlx"):
-        with qmatmul.using_mode(mode):
+        with extension.using_mode(mode):
             outs[mode] = (fused.rms_norm(q, w, 1e-5), fused.rope(q, 5, periods), fused.attention(q, k, v, 0.125, None),
                           fused.swiglu(q, q * 2))
     for a, b in zip(outs["exact"], outs["mlx"]):

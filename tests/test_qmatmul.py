@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension, qmatmul
 
 ext = pytest.importorskip("mlx_llama._qmm_ext", reason="C++ extension not built")
 
@@ -212,20 +212,20 @@ def test_wrapper_dispatch_and_fallback(monkeypatch, capsys):
     rng = np.random.default_rng(8)
     x, w, s, b = make_case(rng, 2, 16, 128, 4, 64)
     ref = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4)
-    assert qmatmul.available()
-    assert "kernels" in qmatmul.backend_name()
+    assert extension.available()
+    assert "kernels" in extension.backend_name()
     np.testing.assert_allclose(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), np.array(ref), rtol=0.05, atol=0.05)
     # Without the extension: mx.quantized_matmul and one warning line per process.
-    monkeypatch.setattr(qmatmul, "_ext", None)
-    monkeypatch.setattr(qmatmul, "_warned", False)
-    monkeypatch.setattr(qmatmul, "_import_error", "test")
+    monkeypatch.setattr(extension, "_ext", None)
+    monkeypatch.setattr(extension, "_warned", False)
+    monkeypatch.setattr(extension, "_import_error", "test")
     y1 = qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)
     y2 = qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)
     np.testing.assert_array_equal(np.array(y1), np.array(ref))
     np.testing.assert_array_equal(np.array(y2), np.array(ref))
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "mx.quantized_matmul" in err
-    assert "unavailable" in qmatmul.backend_name()
+    assert "unavailable" in extension.backend_name()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -253,13 +253,13 @@ def test_greedy_tokens_match_mlx(make_quantized_dir, bits):
     assert isinstance(layer.mlp.down_proj, QuantizedLinear)
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     prompts = ([1, 17, 33, 5, 200], [1, 99], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
-    saved = qmatmul._mode_override
+    saved = extension._mode_override
     try:
-        qmatmul.set_mode("mlx")
+        extension.set_mode("mlx")
         want = [_greedy(model, p, 12) for p in prompts]
         ref_logits = model(mx.array([prompts[0]]))
         for mode in ("exact", "q8"):
-            qmatmul.set_mode(mode)
+            extension.set_mode(mode)
             got = [_greedy(model, p, 12) for p in prompts]
             assert got == want, mode
             logits = model(mx.array([prompts[0]]))
@@ -267,7 +267,7 @@ def test_greedy_tokens_match_mlx(make_quantized_dir, bits):
             scale = float(mx.abs(ref_logits).max())
             assert float(mx.abs(logits - ref_logits).max()) <= tol * scale, mode
     finally:
-        qmatmul.set_mode(saved)
+        extension.set_mode(saved)
 
 
 def test_half_precision_scales_stay_half_on_load(make_quantized_dir, monkeypatch):
@@ -282,12 +282,12 @@ def test_half_precision_scales_stay_half_on_load(make_quantized_dir, monkeypatch
     kept = load_model(qdir, dtype="float32")
     assert kept.layers[0].mlp.down_proj.scales.dtype == mx.bfloat16
     assert kept.model.embed_tokens.biases.dtype == mx.bfloat16
-    monkeypatch.setattr(qmatmul, "reads_half_scales", lambda: False)
+    monkeypatch.setattr(extension, "reads_half_scales", lambda: False)
     widened = load_model(qdir, dtype="float32")
     assert widened.layers[0].mlp.down_proj.scales.dtype == mx.float32
     tokens = mx.array([[1, 17, 33, 5, 200]])
     for mode in ("exact", "q8", "mlx"):
-        with qmatmul.using_mode(mode):
+        with extension.using_mode(mode):
             a, b = kept(tokens), widened(tokens)
             assert a.dtype == mx.float32
             np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=mode)
@@ -297,13 +297,13 @@ def test_mode_from_environment_at_call_time(monkeypatch):
     rng = np.random.default_rng(9)
     x, w, s, b = make_case(rng, 2, 16, 128, 4, 64)
     ref = np.array(mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
-    monkeypatch.setattr(qmatmul, "_mode_override", None)
+    monkeypatch.setattr(extension, "_mode_override", None)
     monkeypatch.setenv("MLX_LLAMA_QMM", "mlx")
     np.testing.assert_array_equal(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), ref)
     monkeypatch.setenv("MLX_LLAMA_QMM", "exact")
     exact = np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=4, mode="exact"))
     np.testing.assert_array_equal(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), exact)
-    assert "float32 exact" in qmatmul.backend_name()
+    assert "float32 exact" in extension.backend_name()
     monkeypatch.setenv("MLX_LLAMA_QMM", "bogus")
     with pytest.raises(ValueError):
         qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)

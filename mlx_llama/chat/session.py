@@ -98,7 +98,7 @@ class ChatSession:
 
     @property
     def rotating(self) -> bool:
-        return getattr(self.cache[0], "max_size", None) is not None
+        return self.cache[0].max_size is not None
 
     @property
     def cache_tokens(self) -> int:

@@ -6,17 +6,16 @@ import json
 
 import click
 
-from mlx_llama.loader import DTYPES
+from mlx_llama.cli.options import dtype_option, model_option
 
 
 @click.command("bench")
-@click.option("-m", "--model", "model_path", required=True, help="Model directory (HF or MLX layout).")
+@model_option
 @click.option("-p", "--n-prompt", type=int, default=512, show_default=True, help="Prompt tokens (random ids).")
 @click.option("-g", "--n-gen", type=int, default=128, show_default=True, help="Tokens to generate.")
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Measured repetitions.")
 @click.option("-t", "--threads", type=int, default=None, help="OpenBLAS threads [default: all cores].")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
-              help="Compute dtype [default: float32 on CPU, bfloat16 on GPU].")
+@dtype_option
 @click.option("--prefill-step-size", type=int, default=512, show_default=True,
               help="Prompt tokens per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random prompt ids.")

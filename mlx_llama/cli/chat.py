@@ -12,10 +12,8 @@ import click
 from mlx_llama.generation.prompt_cache import PromptCacheFile
 from mlx_llama.backends import load_backend
 from mlx_llama.chat.session import ChatSession
-from mlx_llama.cli.options import model_options, sampling_kwargs, sampling_options
+from mlx_llama.cli.options import cache_kwargs, model_options, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.loader import read_generation_config
-from mlx_llama.generation.sampler import SamplingParams
 
 PROMPT = ">>> "
 
@@ -171,15 +169,11 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
     if prompt_cache is not None and backend != "mlx":
         raise MlxLlamaError("--prompt-cache needs the mlx backend")
     model, tokenizer = load_backend(backend, model_path, dtype)
-    kw = sampling_kwargs(opts, read_generation_config(Path(model_path)))
-    if kw["max_kv_size"] is not None and kw["max_kv_size"] < 2:
+    if opts["max_kv_size"] is not None and opts["max_kv_size"] < 2:
         raise MlxLlamaError("--max-kv-size must be at least 2")
     session = ChatSession(
-        model, tokenizer, system=system,
-        sampling=SamplingParams(kw["temperature"], kw["top_p"], kw["top_k"], kw["min_p"],
-                                kw["repetition_penalty"], kw["repetition_context_size"], kw["seed"]),
-        max_tokens=kw["max_tokens"], max_kv_size=kw["max_kv_size"], keep=kw["keep"],
-        prefill_step_size=kw["prefill_step_size"], notify=notify,
+        model, tokenizer, system=system, sampling=sampling_params(opts, model.generation_config),
+        max_tokens=opts["max_tokens"], notify=notify, **cache_kwargs(opts),
     )
     after_turn: Callable[[], None] = lambda: None
     if prompt_cache is not None:

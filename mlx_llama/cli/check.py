@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension
 from mlx_llama.tools.check import Q8_TOLERANCE, TOLERANCES, compare
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.cli.generate import _parse_ids
-from mlx_llama.loader import DTYPES, default_dtype, load_model
+from mlx_llama.cli.options import cache_options, dtype_option, model_option, parse_ids
+from mlx_llama.loader import default_dtype, load_model
 from mlx_llama.reference.model import NUMPY_DTYPES, load_numpy_model
 from mlx_llama.tokenizer import Tokenizer
 
@@ -25,21 +25,16 @@ def _default_ids(vocab: int, bos: int | None, n: int = 24) -> list[int]:
 
 
 @click.command("check")
-@click.option("-m", "--model", "model_path", required=True, help="Model directory (HF or MLX layout).")
+@model_option
 @click.option("-p", "--prompt", help="Prompt text (encoded raw, with BOS) [default: a fixed sentence].")
 @click.option("--prompt-ids", help="Token ids instead of text, e.g. '1,5,9'.")
 @click.option("--tokens", "-n", type=int, default=16, show_default=True,
               help="Greedy tokens to decode one at a time after the prompt.")
-@click.option("--max-kv-size", type=int, default=None, help="Use rotating caches of this size on both sides.")
-@click.option("--keep", type=int, default=4, show_default=True,
-              help="With --max-kv-size: leading tokens that are never evicted.")
-@click.option("--prefill-step-size", type=int, default=512, show_default=True,
-              help="Prompt tokens processed per forward pass.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
-              help="MLX compute dtype [default: float32 on CPU, bfloat16 on GPU].")
+@cache_options
+@dtype_option
 @click.option("--reference-dtype", type=click.Choice(list(NUMPY_DTYPES)), default="float32", show_default=True,
               help="NumPy compute dtype (float64: a high-precision oracle).")
-@click.option("--qmm", type=click.Choice(qmatmul.MODES), default=None,
+@click.option("--qmm", type=click.Choice(extension.MODES), default=None,
               help="MLX quantized-matmul kernel to check [default: $MLX_LLAMA_QMM, else q8]. "
                    f"q8 (int8 activations) is approximate: quantized models then get tolerance {Q8_TOLERANCE:g}.")
 @click.option("--tolerance", type=float, default=None,
@@ -60,9 +55,9 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
     numpy_model = load_numpy_model(model_path, reference_dtype)
     cfg = mlx_model.config
     if prompt_ids is not None:
-        ids = _parse_ids(prompt_ids)
+        ids = parse_ids(prompt_ids)
     else:
-        tokenizer = Tokenizer.from_dir(Path(model_path))
+        tokenizer = Tokenizer.from_dir(mlx_model.path, cfg, mlx_model.generation_config)
         if tokenizer is None:
             if prompt is not None:
                 raise MlxLlamaError(f"{model_path} has no tokenizer.json: use --prompt-ids")
@@ -73,13 +68,13 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
         raise MlxLlamaError("the prompt is empty")
     if any(not 0 <= i < cfg.vocab_size for i in ids):
         raise MlxLlamaError(f"prompt ids must be in [0, {cfg.vocab_size})")
-    mode = qmm or qmatmul.get_mode()
+    mode = qmm or extension.get_mode()
     if tolerance is None:
         tolerance = TOLERANCES[dtype]
         if cfg.quantization and mode == "q8":
             tolerance = max(tolerance, Q8_TOLERANCE)
-    with qmatmul.using_mode(mode):
-        kernel = f", quantized matmul: {qmatmul.backend_name()}" if cfg.quantization else ""
+    with extension.using_mode(mode):
+        kernel = f", quantized matmul: {extension.backend_name()}" if cfg.quantization else ""
         report = compare(mlx_model, numpy_model, ids, tokens=tokens, max_kv_size=max_kv_size, keep=keep,
                          prefill_step_size=prefill_step_size, tolerance=tolerance)
     click.echo(f"mlx ({dtype}{kernel}) vs numpy ({reference_dtype}) on {model_path}")

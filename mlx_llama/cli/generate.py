@@ -12,19 +12,12 @@ from typing import Any
 import click
 
 from mlx_llama.backends import load_backend
-from mlx_llama.cli.options import model_options, sampling_kwargs, sampling_options
+from mlx_llama.cli.options import cache_kwargs, model_options, parse_ids, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.loop import GenerationStats, generate_tokens
-from mlx_llama.loader import read_generation_config
+from mlx_llama.generation.sampler import Sampler
 from mlx_llama.generation.prompt_cache import PromptCacheFile
 from mlx_llama.generation.text import stream_text
-
-
-def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise MlxLlamaError(f"--prompt-ids must be integers separated by commas or spaces: {text!r}") from None
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, system: str | None, raw: bool) -> list[int]:
@@ -96,13 +89,16 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         raise MlxLlamaError("--prompt-cache works with --prompt on the mlx backend")
 
     model, tokenizer = load_backend(backend, model_path, dtype)
-    kwargs = sampling_kwargs(opts, read_generation_config(Path(model_path)))
+    params = sampling_params(opts, model.generation_config)
+    max_tokens, cache_opts = opts["max_tokens"], cache_kwargs(opts)
     stats = GenerationStats()
     pc = PromptCacheFile(prompt_cache, model_path, model, lambda m: click.echo(m, err=True)) if prompt_cache else None
 
     if prompt_ids is not None:
         stop = tokenizer.stop_ids if tokenizer else model.config.eos_token_id
-        for tok in generate_tokens(model, _parse_ids(prompt_ids), stop_ids=stop, stats=stats, **kwargs):
+        tokens = generate_tokens(model, parse_ids(prompt_ids), max_tokens=max_tokens, sampler=Sampler(params),
+                                 stop_ids=stop, stats=stats, **cache_opts)
+        for tok in tokens:
             click.echo(tok)
     else:
         if tokenizer is None:
@@ -110,8 +106,9 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
 
         def answer(text: str) -> Any:
             ids = _prompt_ids(tokenizer, text, system, raw)
-            cache, feed = pc.start(ids, kwargs["max_kv_size"], kwargs["keep"]) if pc else (None, ids)
-            tokens = generate_tokens(model, feed, stop_ids=tokenizer.stop_ids, stats=stats, cache=cache, **kwargs)
+            cache, feed = pc.start(ids, cache_opts["max_kv_size"], cache_opts["keep"]) if pc else (None, ids)
+            tokens = generate_tokens(model, feed, max_tokens=max_tokens, sampler=Sampler(params),
+                                     stop_ids=tokenizer.stop_ids, stats=stats, cache=cache, **cache_opts)
             yield from stream_text(tokens, tokenizer, stop_strings)
             if pc:
                 pc.store(cache, ids)  # the cache's first len(ids) positions hold the prompt

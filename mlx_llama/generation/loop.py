@@ -1,8 +1,7 @@
 """The generation loop: chunked prefill, then decode until a stop token or the budget.
 
-The loop works on any model with `make_cache(max_kv_size, keep)`, a `config`, an
-`xp` attribute naming its array library (mlx.core or numpy) and
-`model(tokens, cache, last_only=True)` → logits.
+The loop drives any `LanguageModel` (mlx_llama.interfaces): the MLX model or the
+NumPy reference, each through its own array library `model.xp`.
 
 Cache invariant: when the generator finishes (or is closed), the cache holds the
 prompt and every token it yielded, the last one included.  Chat relies on it to
@@ -20,6 +19,7 @@ import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.sampler import Sampler, SamplingParams
+from mlx_llama.interfaces import KVCache, LanguageModel
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _start(xp: Any, *arrays: Any) -> None:
         mx.async_eval(*arrays)
 
 
-def check_context(model: Any, n_prompt: int) -> None:
+def check_context(model: LanguageModel, n_prompt: int) -> None:
     """Refuse a prompt that does not fit a growing cache."""
     limit = model.config.max_position_embeddings
     if n_prompt > limit:
@@ -61,7 +61,7 @@ def check_context(model: Any, n_prompt: int) -> None:
         )
 
 
-def prefill(model: Any, cache: list, tokens: Sequence[int], step: int = 512) -> Any:
+def prefill(model: LanguageModel, cache: Sequence[KVCache], tokens: Sequence[int], step: int = 512) -> Any:
     """Feed `tokens` through the cache in chunks; returns the last position's logits (vocab,)."""
     xp = model.xp
     if not len(tokens):
@@ -73,47 +73,39 @@ def prefill(model: Any, cache: list, tokens: Sequence[int], step: int = 512) -> 
         chunk = xp.array(np.asarray(tokens[start : start + step], dtype=np.int32))[None]
         logits = model(chunk, cache, last_only=True)
         # Evaluate per chunk so the cache's lazy graph never spans the whole prompt.
-        _sync(xp, logits, *[c.keys for c in cache if getattr(c, "keys", None) is not None])
+        _sync(xp, logits, *[c.state[0] for c in cache])
     return logits[0, -1]
 
 
 def generate_tokens(
-    model: Any,
+    model: LanguageModel,
     prompt_ids: Sequence[int],
     *,
     max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    repetition_context_size: int = 20,
-    seed: int | None = None,
+    sampler: Sampler | None = None,
     max_kv_size: int | None = None,
     keep: int = 4,
     prefill_step_size: int = 512,
-    cache: list | None = None,
+    cache: list[KVCache] | None = None,
     stop_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
-    sampler: Sampler | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids for `prompt_ids`.
 
-    With `cache` given, `prompt_ids` are the tokens that continue what the cache
-    already holds (chat turns); otherwise a fresh cache is made (rotating when
-    `max_kv_size` is set, keeping the first `keep` tokens).  Generation stops after
-    yielding a token in `stop_ids` or after `max_tokens` tokens.  A `sampler`, when
-    given, replaces the sampling arguments (chat keeps one, and its RNG, across turns).
+    `sampler` draws each token (greedy when None; `Sampler(SamplingParams(...))`
+    otherwise; chat keeps one, and its RNG, across turns).  With `cache` given,
+    `prompt_ids` are the tokens that continue what the cache already holds (chat
+    turns); otherwise a fresh cache is made (rotating when `max_kv_size` is set,
+    keeping the first `keep` tokens).  Generation stops after yielding a token in
+    `stop_ids` or after `max_tokens` tokens.
     """
     if sampler is None:
-        sampler = Sampler(
-            SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed)
-        )
+        sampler = Sampler(SamplingParams())
     if max_tokens < 0:
         raise MlxLlamaError("max tokens must be >= 0")
     if cache is None:
         cache = model.make_cache(max_kv_size, keep)
-    if getattr(cache[0], "max_size", None) is None:
+    if cache[0].max_size is None:
         # A growing cache must not run past the positions the model was trained for.
         check_context(model, cache[0].offset + len(prompt_ids))
         room = model.config.max_position_embeddings - cache[0].offset - len(prompt_ids)
@@ -123,7 +115,7 @@ def generate_tokens(
 
 
 def _decode_loop(
-    model: Any, cache: list, prompt: list[int], sampler: Sampler, max_tokens: int,
+    model: LanguageModel, cache: Sequence[KVCache], prompt: list[int], sampler: Sampler, max_tokens: int,
     step: int, stop_ids: frozenset[int], stats: GenerationStats,
 ) -> Iterator[int]:
     xp = model.xp

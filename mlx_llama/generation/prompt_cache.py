@@ -15,10 +15,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
+
+from mlx_llama.interfaces import KVCache, LanguageModel
 
 FORMAT = "mlx-llama-prompt-cache/1"
 _SAMPLE = 1 << 20  # bytes hashed from each end of every weight file
@@ -56,20 +58,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def rollback(cache: list, n: int) -> bool:
+def rollback(cache: Sequence[KVCache], n: int) -> bool:
     """Forget the last `n` tokens of every layer if that is exact; False when it is not."""
     if n == 0:
         return True
-    first = cache[0]
-    if not hasattr(first, "trim") or first.offset < n:
-        return False
-    can_trim = getattr(first, "can_trim", None)
-    if can_trim is not None and not can_trim(n):
+    if cache[0].offset < n or not cache[0].can_trim(n):
         return False
     return all(c.trim(n) == n for c in cache)
 
 
-def _prefix_state(layer_cache: Any, n: int) -> tuple[mx.array, mx.array] | None:
+def _prefix_state(layer_cache: KVCache, n: int) -> tuple[mx.array, mx.array] | None:
     """Keys and values of positions 0..n-1, or None when some were evicted."""
     keys, values, positions = layer_cache.state
     order = np.flatnonzero(np.asarray(positions) < n)
@@ -80,7 +78,7 @@ def _prefix_state(layer_cache: Any, n: int) -> tuple[mx.array, mx.array] | None:
     return mx.array(keys)[..., idx, :], mx.array(values)[..., idx, :]
 
 
-def save(path: str | Path, cache: list, ids: Sequence[int], *, fingerprint: str, dtype: str) -> bool:
+def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fingerprint: str, dtype: str) -> bool:
     """Write the cache's first `len(ids)` positions; False when the cache no longer holds them all."""
     path = Path(path)
     n = len(ids)
@@ -117,8 +115,8 @@ def save(path: str | Path, cache: list, ids: Sequence[int], *, fingerprint: str,
     return True
 
 
-def load(path: str | Path, model: Any, *, fingerprint: str, dtype: str,
-         max_kv_size: int | None = None, keep: int = 4) -> tuple[list, list[int]]:
+def load(path: str | Path, model: LanguageModel, *, fingerprint: str, dtype: str,
+         max_kv_size: int | None = None, keep: int = 4) -> tuple[list[KVCache], list[int]]:
     """A fresh cache for `model` filled from the file, and the file's token ids.
 
     Raises PromptCacheMismatch (with a reason) for a missing, unreadable, stale
@@ -160,23 +158,23 @@ def load(path: str | Path, model: Any, *, fingerprint: str, dtype: str,
     return cache, ids
 
 
-def dtype_name(model: Any) -> str:
-    dt = getattr(model, "dtype", None)
-    return str(dt).replace("mlx.core.", "") if dt is not None else "unknown"
+def dtype_name(model: LanguageModel) -> str:
+    return str(model.dtype).replace("mlx.core.", "")
 
 
 class PromptCacheFile:
     """`--prompt-cache FILE` for one run: restore the longest usable prefix, then store
     one prompt (the run's first) so the next run can reuse it."""
 
-    def __init__(self, path: str | Path, model_dir: str | Path, model: Any, notify: Any) -> None:
+    def __init__(self, path: str | Path, model_dir: str | Path, model: LanguageModel,
+                 notify: Callable[[str], None]) -> None:
         self.path, self.model, self.notify = Path(path), model, notify
         self.fingerprint = model_fingerprint(model_dir)
         self.dtype = dtype_name(model)
         self.stored: list[int] | None = None
         self.done = False
 
-    def load(self, max_kv_size: int | None, keep: int) -> tuple[list, list[int]] | None:
+    def load(self, max_kv_size: int | None, keep: int) -> tuple[list[KVCache], list[int]] | None:
         try:
             cache, ids = load(self.path, self.model, fingerprint=self.fingerprint, dtype=self.dtype,
                               max_kv_size=max_kv_size, keep=keep)
@@ -188,7 +186,7 @@ class PromptCacheFile:
         self.notify(f"[prompt cache: {len(ids)} tokens loaded from {self.path}]")
         return cache, ids
 
-    def start(self, prompt_ids: Sequence[int], max_kv_size: int | None, keep: int) -> tuple[list, list[int]]:
+    def start(self, prompt_ids: Sequence[int], max_kv_size: int | None, keep: int) -> tuple[list[KVCache], list[int]]:
         """A cache for `prompt_ids` and the ids still to feed (at least one)."""
         prompt_ids = list(prompt_ids)
         loaded = self.load(max_kv_size, keep)
@@ -199,7 +197,7 @@ class PromptCacheFile:
                 return cache, prompt_ids[p:]
         return self.model.make_cache(max_kv_size, keep), prompt_ids
 
-    def store(self, cache: list, ids: Sequence[int] | None) -> None:
+    def store(self, cache: Sequence[KVCache], ids: Sequence[int] | None) -> None:
         """Save the cache's first `len(ids)` positions, once per run, unless the file has them."""
         if self.done or not ids:
             return

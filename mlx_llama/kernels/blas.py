@@ -69,10 +69,6 @@ class BlasInfo:
     gemv_forward: bool = False  # one-row/one-column sgemm calls go to sgemv
     reason: str = ""  # why the reference BLAS stayed, if it did
 
-    @property
-    def optimized(self) -> bool:
-        return self.name != "reference"
-
     def describe(self) -> str:
         if self.name == "openblas":
             return (f"OpenBLAS {self.version} (scipy-openblas32, {self.core or 'core ?'}, "
@@ -192,9 +188,10 @@ def _bind_openblas() -> BlasInfo:
 
 def _forward_gemv(openblas: ctypes.CDLL) -> bool:
     """Bind libmlx.so's cblas_sgemm slot to the extension's dispatcher (M=1 or N=1 → sgemv)."""
-    try:
-        from mlx_llama import _qmm_ext as ext
-    except ImportError:  # built without the extension (MLX_LLAMA_SKIP_EXT=1)
+    from mlx_llama.kernels import extension
+
+    ext = extension.module()
+    if ext is None:  # built without the extension (MLX_LLAMA_SKIP_EXT=1)
         return False
     if not hasattr(ext, "sgemm_dispatch_address"):  # a stale build
         return False
@@ -213,9 +210,9 @@ def gemv_calls() -> int:
     """sgemm calls the dispatcher has sent to sgemv in this process (0 when it is not bound)."""
     if not info().gemv_forward:
         return 0
-    from mlx_llama import _qmm_ext
+    from mlx_llama.kernels import extension
 
-    return int(_qmm_ext.gemv_calls())
+    return int(extension.module().gemv_calls())
 
 
 def set_threads(n: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension
 
 # Attention over more query rows than this goes to mx.fast's matmul-based
 # expansion (OpenBLAS), which beats the per-row kernel once there are many rows.
@@ -28,7 +28,7 @@ ATTENTION_MAX_ROWS = 16
 
 def _ext() -> Any:
     """The extension when the fused CPU ops apply (as for the quantized matmul), else None."""
-    return qmatmul.active_extension()
+    return extension.active_extension()
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

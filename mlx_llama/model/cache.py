@@ -37,8 +37,14 @@ def _grow(buf: mx.array | None, needed: int, like: mx.array, cap: int | None = N
     return extra if buf is None else mx.concatenate([buf, extra], axis=2)
 
 
+def _nbytes(*arrays: mx.array | None) -> int:
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
 class KVCache:
     """Holds every token; grows in steps of 256."""
+
+    max_size = None  # unbounded: the generation loop checks the model's context instead
 
     def __init__(self) -> None:
         self.keys: mx.array | None = None
@@ -62,6 +68,13 @@ class KVCache:
         self.values[..., self.offset:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keys, self.values)
+
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens; returns how many were forgotten."""
@@ -166,6 +179,10 @@ class RotatingKVCache:
         n = self.size
         return self.keys[..., :n, :], self.values[..., :n, :], self._pos.copy()
 
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keys, self.values)
+
     def can_trim(self, n: int) -> bool:
         """Whether forgetting the last `n` tokens leaves exactly what a run that never
         saw them would hold: every position the next token attends to is still here.
@@ -190,7 +207,7 @@ class RotatingKVCache:
         return n
 
 
-def make_cache(num_layers: int, max_kv_size: int | None = None, keep: int = 4) -> list:
+def make_cache(num_layers: int, max_kv_size: int | None = None, keep: int = 4) -> list[KVCache | RotatingKVCache]:
     """One cache per layer: growing, or rotating when `max_kv_size` is given."""
     if max_kv_size is None:
         return [KVCache() for _ in range(num_layers)]

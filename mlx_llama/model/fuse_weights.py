@@ -43,7 +43,7 @@ def fuse_linears(layers: Sequence[nn.Module]) -> nn.Module | None:
         return None
     if len({(layer.bits, layer.group_size, layer.scales.dtype) for layer in layers}) != 1:
         return None
-    in_dims = first.weight.shape[1] * 32 // first.bits
+    in_dims = first.input_dims
     fused = QuantizedLinear(in_dims, sum(map(_out_dims, layers)), False, first.group_size, first.bits)
     for name in ("weight", "scales", "biases"):
         setattr(fused, name, mx.concatenate([layer[name] for layer in layers]))

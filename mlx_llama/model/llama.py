@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_llama.kernels import ops as fused
-from mlx_llama.kernels import qmatmul
+from mlx_llama.kernels import extension
 from mlx_llama.model.cache import make_cache
 from mlx_llama.config import ModelConfig
 from mlx_llama.model.rope import RoPE
@@ -116,6 +116,11 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype (the norms hold it; a quantized embedding dequantizes to it)."""
+        return self.model.norm.weight.dtype
+
     def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
         return make_cache(len(self.layers), max_kv_size, keep)
 
@@ -131,17 +136,16 @@ class Model(nn.Module):
 
         `hidden_states`, when given, receives the embeddings and each layer's output.
         """
-        with qmatmul.resolved():
+        with extension.resolved():
             return self._forward(tokens, cache, last_only, hidden_states)
 
     def _forward(
         self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
     ) -> mx.array:
         h = self.model.embed_tokens(tokens)
-        if h.dtype != self.model.norm.weight.dtype:
-            # A quantized embedding dequantizes in float32; activations take the
-            # compute dtype, which the norms hold.
-            h = h.astype(self.model.norm.weight.dtype)
+        if h.dtype != self.dtype:
+            # A quantized embedding dequantizes in float32; activations take the compute dtype.
+            h = h.astype(self.dtype)
         L = tokens.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)

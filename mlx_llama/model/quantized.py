@@ -15,7 +15,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from mlx_llama.errors import MlxLlamaError
 from mlx_llama.kernels.qmatmul import dequantize, quantized_matmul
+
+
+def require_affine(mode: str | None) -> None:
+    """MLX's affine format is the one our kernels and the NumPy reference read."""
+    if (mode or "affine") != "affine":
+        raise MlxLlamaError(f"unsupported quantization mode {mode!r}: only affine is supported")
 
 
 def _empty_quantized(rows: int, cols: int, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -42,8 +49,7 @@ class QuantizedLinear(nn.Module):
         mode: str = "affine",
     ):
         super().__init__()
-        if mode != "affine":
-            raise ValueError(f"only affine quantization is supported, got mode={mode!r}")
+        require_affine(mode)
         self.group_size = group_size
         self.bits = bits
         self.mode = mode
@@ -52,11 +58,13 @@ class QuantizedLinear(nn.Module):
             self.bias = mx.zeros((output_dims,))
         self.freeze()
 
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[1] * 32 // self.bits
+
     def _extra_repr(self) -> str:
-        out_dims, packed = self.weight.shape
-        in_dims = packed * 32 // self.bits
         return (
-            f"input_dims={in_dims}, output_dims={out_dims}, bias={'bias' in self}, "
+            f"input_dims={self.input_dims}, output_dims={self.weight.shape[0]}, bias={'bias' in self}, "
             f"group_size={self.group_size}, bits={self.bits}"
         )
 
@@ -68,23 +76,13 @@ class QuantizedLinear(nn.Module):
             y = y + self["bias"]
         return y
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
-        out_dims, in_dims = linear.weight.shape
-        ql = cls(in_dims, out_dims, "bias" in linear, group_size, bits, mode)
-        ql.weight, ql.scales, ql.biases = mx.quantize(linear.weight, group_size, bits)
-        if "bias" in linear:
-            ql.bias = linear.bias
-        return ql
-
 
 class QuantizedEmbedding(nn.Module):
     """Embedding lookup from a quantized table; `as_linear` serves a tied lm_head."""
 
     def __init__(self, num_embeddings: int, dims: int, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         super().__init__()
-        if mode != "affine":
-            raise ValueError(f"only affine quantization is supported, got mode={mode!r}")
+        require_affine(mode)
         self.group_size = group_size
         self.bits = bits
         self.mode = mode
@@ -112,13 +110,6 @@ class QuantizedEmbedding(nn.Module):
         return quantized_matmul(
             x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
         )
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Module, group_size: int = 64, bits: int = 4, mode: str = "affine"):
-        n, dims = embedding.weight.shape
-        qe = cls(n, dims, group_size, bits, mode)
-        qe.weight, qe.scales, qe.biases = mx.quantize(embedding.weight, group_size, bits)
-        return qe
 
 
 def to_quantized(module: nn.Module, group_size: int, bits: int, mode: str = "affine", **_: Any) -> nn.Module:

@@ -55,6 +55,13 @@ class NumpyKVCache:
             out[:, :, : self.offset] = buf[:, :, : self.offset]
         return out
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
     def trim(self, n: int) -> int:
         n = min(n, self.offset)
         self.offset -= n
@@ -114,6 +121,10 @@ class NumpyRotatingKVCache:
         if L == 1:
             return self.keys, self.values
         return all_k, all_v
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def can_trim(self, n: int) -> bool:
         """Whether forgetting the last `n` tokens leaves everything the next token would attend to."""

@@ -26,6 +26,7 @@ import numpy as np
 from mlx_llama.config import ModelConfig
 from mlx_llama.reference.dequantize import dequantize
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.model_dir import IGNORED_TENSOR_SUFFIXES, ModelDir
 from mlx_llama.reference.cache import make_numpy_cache
 from mlx_llama.reference.rope import NumpyRoPE
 from mlx_llama.reference.weights import read_numpy_weights
@@ -141,7 +142,6 @@ class Layer:
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _NORMS = ("input_layernorm", "post_attention_layernorm")
-_HARMLESS = ("rotary_emb.inv_freq",)
 
 
 class NumpyModel:
@@ -161,7 +161,7 @@ class NumpyModel:
         # `weights` is consumed: tensors are popped as they are converted, so the
         # file-backed or widened originals are freed one by one.
         self._weights = weights
-        for name in [k for k in weights if k.endswith(_HARMLESS)]:
+        for name in [k for k in weights if k.endswith(IGNORED_TENSOR_SUFFIXES)]:
             del weights[name]
         if cfg.tie_word_embeddings:
             self._weights.pop("lm_head.weight", None)
@@ -254,17 +254,9 @@ class NumpyModel:
         return self.lm_head(rms_norm(h, self.norm, self.config.rms_norm_eps))
 
 
-def _model_dir(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise MlxLlamaError(f"{path} is not a model directory (no config.json)")
-    return p
-
-
 def load_numpy_model(path: str | Path, dtype: str | None = None, dequantize: str = "load") -> NumpyModel:
     """The NumPy reference model for an HF or MLX-quantized directory (float32 unless `dtype`)."""
-    model_dir = _model_dir(path)
-    cfg = ModelConfig.from_file(model_dir / "config.json")
-    model = NumpyModel(cfg, read_numpy_weights(model_dir), dtype or "float32", dequantize)
-    model.path = model_dir
+    model_dir = ModelDir.open(path)
+    model = NumpyModel(model_dir.config, read_numpy_weights(model_dir.path), dtype or "float32", dequantize)
+    model.path, model.generation_config = model_dir.path, model_dir.generation_config
     return model

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.model_dir import weight_files
 
 _STORAGE = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
@@ -55,10 +56,7 @@ def _tensors_in(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def read_numpy_weights(model_dir: Path) -> dict[str, np.ndarray]:
     """Every tensor in `model_dir/*.safetensors`; floats as float16/32/64 (BF16 widened to float32)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MlxLlamaError(f"no *.safetensors files in {model_dir}")
     weights: dict[str, np.ndarray] = {}
-    for f in files:
+    for f in weight_files(model_dir):
         weights.update(_tensors_in(f))
     return weights

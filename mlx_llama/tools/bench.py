@@ -84,18 +84,10 @@ def describe_quantization(model: Any) -> str:
 
 
 def qmatmul_backend() -> str:
-    """The quantized-matmul kernel our runtime uses, if the extension module exists."""
-    try:
-        from mlx_llama.kernels import qmatmul
-    except ImportError:
-        return "mlx (mx.quantized_matmul)"
-    except Exception as e:  # a broken build must not stop the benchmark
-        return f"mlx (qmatmul failed to import: {type(e).__name__}: {e})"
-    name = getattr(qmatmul, "backend_name", None)
-    try:
-        return str(name()) if callable(name) else "mlx_llama.kernels.qmatmul"
-    except Exception as e:
-        return f"mlx_llama.kernels.qmatmul (backend_name failed: {e})"
+    """The quantized-matmul kernel our runtime uses."""
+    from mlx_llama.kernels import extension
+
+    return extension.backend_name()
 
 
 def rss_bytes() -> tuple[int, int]:
