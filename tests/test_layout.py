@@ -26,3 +26,11 @@ def test_every_listed_command_loads() -> None:
 
     for name in COMMANDS:
         assert main.get_command(None, name).name == name
+
+
+def test_public_api_is_listed_and_resolves() -> None:
+    import mlx_llama
+
+    assert {"load", "generate_tokens", "Sampler", "SamplingParams", "stream_text"} <= set(dir(mlx_llama))
+    for name in mlx_llama.__all__:
+        assert getattr(mlx_llama, name) is not None
