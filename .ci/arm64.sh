@@ -25,7 +25,7 @@ clang_arm64="clang++ --target=aarch64-linux-gnu"
 
 # nanobind is only a build requirement (not in the venv): its headers, at the
 # version pyproject.toml pins, go to build/.
-nb_req=$($py -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"] if r.startswith("nanobind")))')
+nb_req=$(grep -o -m1 'nanobind==[0-9.]*' pyproject.toml)
 nb=$out/$nb_req
 [ -d "$nb/nanobind" ] || $py -m pip install -q --no-deps --target "$nb" "$nb_req"
 headers="-isystem $($py -m mlx --cmake-dir)/include -isystem $nb/nanobind/include -isystem $($py -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
