@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -56,6 +57,17 @@ def blas_libraries() -> list[str]:
     return [p for p in libs if any(k in os.path.basename(p).lower() for k in ("blas", "lapack", "mkl"))]
 
 
+def extension() -> str:
+    """Whether the C++ extension (our CPU kernels) is installed and loads (it need not: see setup.py)."""
+    import mlx.core  # noqa: F401  (the extension links against libmlx)
+
+    try:
+        ext = importlib.import_module("mlx_llama._qmm_ext")
+    except ImportError as e:
+        return f"absent ({str(e).splitlines()[0] if str(e) else type(e).__name__}): mx.quantized_matmul is used"
+    return f"present ({ext.isa()} kernels)"
+
+
 def collect() -> dict[str, Any]:
     import mlx.core as mx
 
@@ -77,6 +89,7 @@ def collect() -> dict[str, Any]:
                    "metal_available": bool(getattr(mx, "metal", None) and mx.metal.is_available())},
         "blas": {"active": b.name, "description": b.describe(), "threads": b.threads,
                  "rebound_symbols": len(b.symbols), "verified": blas.verify(), "loaded_libraries": blas_libraries()},
+        "extension": extension(),
         "quantized_matmul": qmatmul_backend(),
         "cpu": cpu_info(),
         "env": env,
@@ -99,6 +112,7 @@ def info_command(as_json: bool) -> None:
                f"{' [slots verified]' if data['blas']['verified'] else ''}")
     for lib in data["blas"]["loaded_libraries"]:
         click.echo(f"  loaded: {lib}")
+    click.echo(f"C++ extension (CPU kernels): {data['extension']}")
     click.echo(f"quantized matmul: {data['quantized_matmul']}")
     c = data["cpu"]
     click.echo(f"CPU: {c['model']} ({c['machine']}), {c['usable_cores']} of {c['cores']} cores usable")
