@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_llama.info_command import cpu_info
+from mlx_llama.cli.info import cpu_info
 
 ROOT = Path(__file__).resolve().parent.parent
 

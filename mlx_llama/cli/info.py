@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -59,13 +58,11 @@ def blas_libraries() -> list[str]:
 
 def extension() -> str:
     """Whether the C++ extension (our CPU kernels) is installed and loads (it need not: see setup.py)."""
-    import mlx.core  # noqa: F401  (the extension links against libmlx)
+    from mlx_llama.kernels import extension as ext
 
-    try:
-        ext = importlib.import_module("mlx_llama._qmm_ext")
-    except ImportError as e:
-        return f"absent ({str(e).splitlines()[0] if str(e) else type(e).__name__}): mx.quantized_matmul is used"
-    return f"present ({ext.isa()} kernels)"
+    if not ext.available():
+        return f"absent: {ext.backend_name()}"
+    return f"present ({ext.module().isa()} kernels)"
 
 
 def collect() -> dict[str, Any]:
