@@ -2,24 +2,19 @@
 # Apple Silicon readiness without a Mac: csrc/ must compile for aarch64 with two
 # compilers (-Werror on our code), and the kernels' NEON paths must agree with
 # their scalar paths (and a double-precision reference) under qemu-aarch64.
-# Takes MLX's and Python's headers from the venv .ci/run creates; compile-only,
+# Takes MLX's and Python's headers from $PYTHON's environment (default .venv); compile-only,
 # so x86 headers do: both are LP64 little-endian, pyconfig.h's sizes match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
-py=.venv/bin/python
+py=${PYTHON:-.venv/bin/python}
 out=build/arm64
 
-need=()
-command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
-command -v clang++ >/dev/null || need+=(clang)
-command -v qemu-aarch64-static >/dev/null || command -v qemu-aarch64 >/dev/null || need+=(qemu-user-static)
-if ((${#need[@]})); then
-  echo "arm64: apt-get install ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-qemu=$(command -v qemu-aarch64-static || command -v qemu-aarch64)
+for tool in aarch64-linux-gnu-g++ clang++; do
+  command -v $tool >/dev/null || { echo "arm64: FAILED: $tool missing (bash .ci/cross_tools.sh installs it)"; exit 1; }
+done
+qemu=$(command -v qemu-aarch64-static || command -v qemu-aarch64) ||
+  { echo "arm64: FAILED: qemu-aarch64 missing (bash .ci/cross_tools.sh installs it)"; exit 1; }
 # Apple clang's front end; macOS SDK headers are not available here.
 clang_arm64="clang++ --target=aarch64-linux-gnu"
 
