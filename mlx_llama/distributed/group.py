@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -98,6 +101,31 @@ class PipelineGroup:
         return self.watchdog.who
 
 
+_DEADLINE = """
+import os, signal, sys, time
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == parent:
+    sys.stderr.write(message + "\\n")
+    os.kill(parent, signal.SIGTERM)
+"""
+
+
+@contextmanager
+def _deadline_process(timeout: float, message: str) -> Iterator[None]:
+    """End this process with `message` unless the block finishes within `timeout` seconds.
+
+    MLX's `init` holds the GIL while it connects, so no thread of ours could run
+    then: a child process keeps the deadline (and SIGTERM ends us from outside).
+    """
+    child = subprocess.Popen([sys.executable, "-c", _DEADLINE, str(os.getpid()), str(timeout), message])
+    try:
+        yield
+    finally:
+        child.kill()
+        child.wait()
+
+
 def join_group(timeout: float) -> PipelineGroup:
     """Join the group the launcher started this process in (a group of one when there is none).
 
@@ -108,14 +136,14 @@ def join_group(timeout: float) -> PipelineGroup:
     watchdog = Watchdog(timeout, f"rank {rank} ({socket.gethostname()})")
     if backend is None:
         return PipelineGroup(mx.distributed.init(strict=False, backend="ring"), "none", watchdog)
-    watchdog.arm(f"connecting to the other ranks over {backend}")
+    message = (f"Error: {watchdog.who}: connecting to the other ranks over {backend}: no answer for {timeout:g} s "
+               "(is every rank started, and are the addresses right? --pipeline-timeout sets the limit)")
     try:
-        group = mx.distributed.init(strict=True, backend=backend)
+        with _deadline_process(timeout, message):
+            group = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as e:
         from mlx_llama.errors import MlxLlamaError
 
         raise MlxLlamaError(f"{watchdog.who}: cannot join the {backend} group: {e}") from None
-    finally:
-        watchdog.disarm()
     watchdog.who = f"rank {group.rank()} ({socket.gethostname()})"
     return PipelineGroup(group, backend, watchdog)
