@@ -211,6 +211,15 @@ def test_a_rank_without_the_model_dir_is_named_by_every_rank(four_layers: Path, 
         assert line.startswith("Error: rank 1 (") and "not-here" in line and "not found" in line
 
 
+def test_an_error_on_rank_0_ends_the_other_ranks(four_layers: Path, tmp_path: Path) -> None:
+    args = ["generate", "-m", str(four_layers), "--prompt", "hi", "--pipeline"]  # no tokenizer: rank 0 refuses
+    rank0, rank1 = _start_ranks([args, args], tmp_path)
+    _, err0 = rank0.communicate(timeout=60)
+    _, err1 = rank1.communicate(timeout=60)
+    assert rank0.returncode == 1 and "has no tokenizer.json: use --prompt-ids" in _last_error_line(err0)
+    assert rank1.returncode == 1 and _last_error_line(err1).endswith("rank 0 stopped with an error")
+
+
 def test_a_rank_that_cannot_connect_gives_up(four_layers: Path, tmp_path: Path) -> None:
     (rank0,) = _start_ranks([_generate_args(four_layers, "--pipeline-timeout", "2")], tmp_path)  # rank 1 never comes
     _, stderr = rank0.communicate(timeout=30)

@@ -61,7 +61,9 @@ def _join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: 
         return None
     ctx = click.get_current_context()
     ctx.call_on_close(report)
-    ctx.call_on_close(pipe.stop)  # runs first (last registered): also when generation fails
+    # Runs first (last registered), also when generation fails: click closes the context while the
+    # exception propagates, so sys.exc_info() tells the other ranks whether to exit with an error.
+    ctx.call_on_close(lambda: pipe.stop(aborted=sys.exc_info()[0] is not None))
     model_dir = checkpoint.model_dir
     model = PipelineModel(pipe, model_dir.path, model_dir.generation_config)
     return model, Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)

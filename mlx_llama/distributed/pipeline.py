@@ -74,6 +74,7 @@ class Pipeline:
     stage: PipelineStage
     logits_dtype: mx.Dtype
     stats: CommStats = field(default_factory=CommStats)
+    broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
 
     @property
     def config(self) -> ModelConfig:
@@ -86,6 +87,7 @@ class Pipeline:
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
+            self.broken = True
             raise MlxLlamaError(f"{self.group.who}: {what}: {e}") from None
         finally:
             self.group.watchdog.disarm()
@@ -134,12 +136,9 @@ class Pipeline:
 
     def stop(self, aborted: bool = False) -> None:
         """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`)."""
-        if self.group.size > 1:
+        if self.group.size > 1 and not self.broken:  # after a lost connection there is no one to tell
             header = mx.array([_ABORT if aborted else _STOP] + [0] * (_HEADER - 1), dtype=mx.int32)
-            try:
-                self._send(header, 1)
-            except MlxLlamaError:
-                pass  # rank 1 is gone already: the error that ended the run has been raised
+            self._send(header, 1)
 
 
 class PipelineModel:
