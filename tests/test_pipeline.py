@@ -132,19 +132,23 @@ def test_two_ranks_match_on_stories260k(tmp_path: Path) -> None:
     _assert_same_run(STORIES260K, tmp_path, -1)
 
 
-def test_each_rank_reads_only_its_tensors(four_layers: Path, tmp_path: Path) -> None:
+def test_each_rank_reads_only_its_tensors(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    # Layers of ~4 MB, so that the weights dwarf what else a process reads (its Python modules, sockets).
+    model = make_checkpoint(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                            head_dim=64, tie_word_embeddings=False)
     out = tmp_path / "pipe"
-    _probe(four_layers, out, -1, "pipeline")
+    _probe(model, out, -1, "pipeline")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
     layers = [{int(n.split(".")[2]) for n in r["tensors"] if n.startswith("model.layers.")} for r in ranks]
     assert layers == [{0, 1}, {2, 3}]
     assert "model.embed_tokens.weight" in ranks[0]["tensors"] and "lm_head.weight" not in ranks[0]["tensors"]
     assert {"model.norm.weight", "lm_head.weight"} <= set(ranks[1]["tensors"])
     assert "model.embed_tokens.weight" not in ranks[1]["tensors"]
-    total = (four_layers / "model.safetensors").stat().st_size
+    total = (model / "model.safetensors").stat().st_size
     for r in ranks:
-        # What came off the disk is this rank's tensors (plus headers and config), not the whole file.
-        assert r["tensor_bytes"] <= r["bytes_read"] < r["tensor_bytes"] + 64_000 < total
+        # What this process read is its tensors (plus headers, config, modules), not the whole file.
+        assert r["tensor_bytes"] < 0.6 * total
+        assert r["tensor_bytes"] <= r["bytes_read"] < r["tensor_bytes"] + 2_000_000
 
 
 # ---- the CLI and failures ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from mlx_llama.interfaces import KVCache
 from mlx_llama.kernels import extension
 from mlx_llama.loader import DTYPES, default_dtype, load_weights_into, read_weights
 from mlx_llama.model.cache import make_cache
-from mlx_llama.model.llama import DecoderLayer, RMSNorm
+from mlx_llama.model.llama import DecoderLayer, RMSNorm, output_logits
 from mlx_llama.model_dir import ModelDir
 
 
@@ -76,30 +76,25 @@ class PipelineStage(nn.Module):
 
     def logits(self, h: mx.array, last_only: bool) -> mx.array:
         with extension.resolved():
-            if last_only:
-                h = h[:, -1:, :]
-            h = self.model.norm(h)
-            if self.config.tie_word_embeddings:
-                return self.model.embed_tokens.as_linear(h)
-            return self.lm_head(h)
+            return output_logits(self, h, last_only)
 
 
 @dataclass(frozen=True)
 class OpenedCheckpoint:
-    """A model directory with its shards mapped lazily (only their headers read)."""
+    """A model directory and the size of each tensor in its shards (only their headers read)."""
 
     model_dir: ModelDir
-    tensors: dict[str, mx.array]
+    tensor_bytes: dict[str, int]
 
     @classmethod
     def open(cls, path: str | Path) -> "OpenedCheckpoint":
         model_dir = ModelDir.open(path)
-        return cls(model_dir, read_weights(model_dir))
+        # Sizes only: a lazy array kept here would keep its data alive once the stage has read it.
+        return cls(model_dir, {name: t.nbytes for name, t in read_weights(model_dir).items()})
 
     def plans(self, size: int) -> list[StagePlan]:
         cfg = self.model_dir.config
-        sizes = {name: t.nbytes for name, t in self.tensors.items()}
-        return plan_stages(sizes, cfg.num_hidden_layers, size, cfg.tie_word_embeddings)
+        return plan_stages(self.tensor_bytes, cfg.num_hidden_layers, size, cfg.tie_word_embeddings)
 
 
 def load_stage(checkpoint: OpenedCheckpoint, rank: int, size: int, dtype: str | None = None) -> PipelineStage:
@@ -109,8 +104,9 @@ def load_stage(checkpoint: OpenedCheckpoint, rank: int, size: int, dtype: str | 
     dtype = dtype or default_dtype()
     # An unknown dtype name is refused, with the loader's message, by load_weights_into.
     stage = PipelineStage(cfg, plan, DTYPES.get(dtype, mx.float32))
-    mine = {k: v for k, v in checkpoint.tensors.items() if plan.holds(k, cfg.tie_word_embeddings)}
-    stage = load_weights_into(stage, checkpoint.model_dir, mine, dtype)
-    stage.tensor_names = sorted(mine)
-    stage.tensor_bytes = sum(v.nbytes for v in mine.values())
-    return stage
+    stage.tensor_names = sorted(k for k in checkpoint.tensor_bytes if plan.holds(k, cfg.tie_word_embeddings))
+    stage.tensor_bytes = sum(checkpoint.tensor_bytes[k] for k in stage.tensor_names)
+    mine = set(stage.tensor_names)
+    # Built in the call, so that no name here keeps the unfused q/k/v and gate/up parts alive afterwards.
+    return load_weights_into(stage, checkpoint.model_dir,
+                             {k: v for k, v in read_weights(checkpoint.model_dir).items() if k in mine}, dtype)
