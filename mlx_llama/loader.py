@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +18,8 @@ from mlx_llama.model.quantized import quantize, require_affine
 
 if TYPE_CHECKING:
     from mlx_llama.tokenizer import Tokenizer
+
+M = TypeVar("M", bound=nn.Module)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -37,7 +39,7 @@ def read_weights(model_dir: ModelDir) -> dict[str, mx.array]:
     return weights
 
 
-def _quantize_layers(model: Model, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
+def _quantize_layers(model: nn.Module, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
     """Swap in quantized layers wherever the checkpoint holds `.scales` for them."""
     require_affine((cfg.quantization or {}).get("mode"))
 
@@ -61,15 +63,21 @@ def load_model(path: str | Path, dtype: str | None = None, *, fuse: bool = True)
     the modules keep the checkpoint's names (to save the model, say).
     """
     model_dir = ModelDir.open(path)
+    return load_weights_into(Model(model_dir.config), model_dir, read_weights(model_dir), dtype, fuse=fuse)
+
+
+def load_weights_into(model: M, model_dir: ModelDir, weights: dict[str, mx.array], dtype: str | None,
+                      *, fuse: bool = True) -> M:
+    """Quantize, cast and load `weights` (lazy arrays from `read_weights`) into `model`, a module whose
+    parameter names are the checkpoint's (`Model`, or a pipeline stage holding some of its layers);
+    only the tensors `model` holds are read from disk."""
     cfg = model_dir.config
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise MlxLlamaError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    weights = read_weights(model_dir)
     weights = {k: v for k, v in weights.items() if not k.endswith(IGNORED_TENSOR_SUFFIXES)}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    model = Model(cfg)
     if any(k.endswith(".scales") for k in weights):
         _quantize_layers(model, cfg, weights)
     # Packed quantized weights stay uint32; every floating tensor takes the compute

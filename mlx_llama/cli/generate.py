@@ -48,6 +48,27 @@ def _print_stats(stats: GenerationStats) -> None:
     )
 
 
+def _join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: bool) -> tuple[Any, Any] | None:
+    """Rank 0: `(model, tokenizer)` that run through the whole pipeline.  Other ranks: serve, then None."""
+    from mlx_llama.distributed.pipeline import PipelineModel, start_pipeline
+    from mlx_llama.tokenizer import Tokenizer
+
+    pipe, checkpoint = start_pipeline(model_path, dtype, timeout)
+    report = (lambda: click.echo(pipe.describe(), err=True)) if verbose else (lambda: None)
+    if pipe.group.rank > 0:
+        pipe.serve()
+        report()
+        return None
+    ctx = click.get_current_context()
+    ctx.call_on_close(report)
+    # Runs first (last registered), also when generation fails: click closes the context while the
+    # exception propagates, so sys.exc_info() tells the other ranks whether to exit with an error.
+    ctx.call_on_close(lambda: pipe.stop(aborted=sys.exc_info()[0] is not None))
+    model_dir = checkpoint.model_dir
+    model = PipelineModel(pipe, model_dir.path, model_dir.generation_config)
+    return model, Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
+
+
 @click.command("generate")
 @model_options
 @click.option("-p", "--prompt", help="The prompt (chat-templated unless --raw).")
@@ -63,11 +84,15 @@ def _print_stats(stats: GenerationStats) -> None:
 @click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Reuse the KV cache of the longest prompt prefix stored in this file, and store the prompt there.")
 @sampling_options
+@click.option("--pipeline", is_flag=True,
+              help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); rank 0 prints.")
+@click.option("--pipeline-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
+              help="With --pipeline: exit with an error when the other ranks are silent this many seconds.")
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory statistics.")
 def generate_command(model_path: str, backend: str, dtype: str | None, prompt: str | None,
                      prompt_ids: str | None, prompts_file: Path | None, output: Path | None, force: bool,
                      system: str | None, raw: bool, stop_strings: tuple[str, ...], verbose: bool,
-                     prompt_cache: Path | None, **opts: Any) -> None:
+                     prompt_cache: Path | None, pipeline: bool, pipeline_timeout: float, **opts: Any) -> None:
     """Generate text from a prompt, or answer every line of a prompts file."""
     given = [x for x in (prompt, prompt_ids, prompts_file) if x is not None]
     if len(given) != 1:
@@ -88,7 +113,15 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
     if prompt_cache is not None and (backend != "mlx" or prompt is None):
         raise MlxLlamaError("--prompt-cache works with --prompt on the mlx backend")
 
-    model, tokenizer = load_backend(backend, model_path, dtype)
+    if pipeline:
+        if backend != "mlx" or prompts_file is not None or prompt_cache is not None:
+            raise MlxLlamaError("--pipeline works with --prompt or --prompt-ids on the mlx backend")
+        loaded = _join_pipeline(model_path, dtype, pipeline_timeout, verbose)
+        if loaded is None:
+            return  # a rank > 0: it served its layers until rank 0 finished
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = load_backend(backend, model_path, dtype)
     params = sampling_params(opts, model.generation_config)
     max_tokens, cache_opts = opts["max_tokens"], cache_kwargs(opts)
     stats = GenerationStats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 from importlib import metadata
 from typing import Any
 
@@ -90,7 +91,18 @@ def collect() -> dict[str, Any]:
         "quantized_matmul": qmatmul_backend(),
         "cpu": cpu_info(),
         "env": env,
+        "distributed": distributed_info(),
     }
+
+
+def distributed_info() -> dict[str, Any] | None:
+    """Rank, size and backend of the group `mlx.launch` (or mpirun) started this process in; None on its own."""
+    from mlx_llama.distributed.group import join_group
+
+    group = join_group(timeout=60)
+    if group.backend == "none":
+        return None
+    return {"rank": group.rank, "size": group.size, "backend": group.backend, "host": socket.gethostname()}
 
 
 @click.command("info")
@@ -114,5 +126,8 @@ def info_command(as_json: bool) -> None:
     c = data["cpu"]
     click.echo(f"CPU: {c['model']} ({c['machine']}), {c['usable_cores']} of {c['cores']} cores usable")
     click.echo(f"ISA: {' '.join(c['isa']) or '?'}")
+    if data["distributed"]:
+        d = data["distributed"]
+        click.echo(f"distributed: rank {d['rank']} of {d['size']} over {d['backend']} on {d['host']}")
     for k, val in data["env"].items():
         click.echo(f"env: {k}={val}")

@@ -163,9 +163,15 @@ class Model(nn.Module):
             h = layer(h, mask, c)
             if hidden_states is not None:
                 hidden_states.append(h)
-        if last_only:
-            h = h[:, -1:, :]
-        h = self.model.norm(h)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return output_logits(self, h, last_only)
+
+
+def output_logits(model: nn.Module, h: mx.array, last_only: bool) -> mx.array:
+    """The final norm and the output head over hidden states `h`, for `Model` or a pipeline stage
+    holding its last layers (`mlx_llama.distributed.stage`: the same attribute names)."""
+    if last_only:
+        h = h[:, -1:, :]
+    h = model.model.norm(h)
+    if model.config.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)

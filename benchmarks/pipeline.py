@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Pipeline parallelism on 2 local ranks (`mlx.launch -n 2 --backend ring`) against one process, in ONE run.
+
+Both run `mlx-llama generate --prompt-ids … -v` on the same random-weight 4-bit
+checkpoint and prompt, in interleaved rounds (single, pipeline, single, …), and
+report prefill and decode tok/s, each process's peak RSS (target: each rank
+≤ 0.6× the single process) and the pipeline's per-token time in communication.
+
+    python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
+    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3
+
+Both ranks share this machine's cores, and a single stream keeps one rank busy
+at a time, so the pipeline can only lose speed here: what it buys is memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput import log, prepare_hf, prepare_mlx  # noqa: E402  (the checkpoint recipe, shared)
+
+BIN = Path(sys.executable).parent
+_STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generation: (\d+) tokens, ([\d.]+) tok/s")
+_RANK = re.compile(r"rank (\d+) \(.*?\): layers (\d+)-(\d+) .*?peak RSS ([\d.]+) GB.*?per token: compute ([\d.]+) ms, "
+                   r"send ([\d.]+) ms, waiting for peers ([\d.]+) ms")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _speeds(stderr: str) -> dict[str, float]:
+    m = _STATS.search(stderr)
+    if not m:
+        raise SystemExit(f"no statistics in the output:\n{stderr}")
+    return {"prefill_tps": float(m.group(2)), "decode_tps": float(m.group(4)), "generated": int(m.group(3))}
+
+
+def run_single(generate: list[str]) -> dict[str, Any]:
+    proc = subprocess.Popen([str(BIN / "mlx-llama"), *generate], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"single process failed:\n{stderr}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {**_speeds(stderr), "peak_rss_gb": [rss / 1e9]}
+
+
+def run_pipeline(generate: list[str]) -> dict[str, Any]:
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
+           str(BIN / "mlx-llama"), *generate, "--pipeline"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"pipeline failed:\n{run.stderr}")
+    ranks = sorted((int(m.group(1)), m) for m in _RANK.finditer(run.stderr))
+    if len(ranks) != 2:
+        raise SystemExit(f"no per-rank statistics in the output:\n{run.stderr}")
+    per_rank = [{"layers": f"{m.group(2)}-{m.group(3)}", "peak_rss_gb": float(m.group(4)),
+                 "compute_ms": float(m.group(5)), "send_ms": float(m.group(6)), "wait_ms": float(m.group(7))}
+                for _, m in ranks]
+    # Rank 0 waits for the logits while rank 1 computes: what it waits beyond that is the two hops.
+    hop_ms = per_rank[0]["wait_ms"] - per_rank[1]["compute_ms"]
+    return {**_speeds(run.stderr), "peak_rss_gb": [r["peak_rss_gb"] for r in per_rank], "ranks": per_rank,
+            "comm_ms_per_token": hop_ms + per_rank[0]["send_ms"] + per_rank[1]["send_ms"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=None, help="Checkpoint directory [benchmarks/work/<preset>].")
+    args = ap.parse_args(argv)
+    work = args.work or HERE / "work" / args.preset
+    work.mkdir(parents=True, exist_ok=True)
+    model = prepare_mlx(prepare_hf(work, args.preset), work, args.bits)
+    ids = np.random.default_rng(0).integers(0, 128000, args.prompt_tokens)
+    generate = ["generate", "-m", str(model), "--prompt-ids", ",".join(map(str, ids)), "-n", str(args.gen_tokens),
+                "--temp", "0", "-v"]
+    results: dict[str, list[dict[str, Any]]] = {"single": [], "pipeline": []}
+    for r in range(args.rounds):
+        for name, run in (("single", run_single), ("pipeline", run_pipeline)):
+            log(f"round {r + 1}/{args.rounds}: {name}")
+            results[name].append(run(generate))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[name])
+
+    def rss(name: str) -> list[float]:
+        return [statistics.median(x["peak_rss_gb"][i] for x in results[name])
+                for i in range(len(results[name][0]["peak_rss_gb"]))]
+
+    single_rss = rss("single")[0]
+    print(f"{args.preset} {args.bits}-bit, prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
+          f"{args.rounds} interleaved rounds (medians)")
+    print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}  peak RSS GB")
+    for name in ("single", "pipeline"):
+        print(f"{name:10} {med(name, 'prefill_tps'):14.2f} {med(name, 'decode_tps'):13.2f}  "
+              + " / ".join(f"{x:.3f}" for x in rss(name)))
+    print(f"pipeline / single: prefill {med('pipeline', 'prefill_tps') / med('single', 'prefill_tps'):.2f}x, "
+          f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
+          "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
+    print(f"communication per token (two hops + sends): {med('pipeline', 'comm_ms_per_token'):.2f} ms; "
+          "layers per rank: " + ", ".join(r["layers"] for r in results["pipeline"][-1]["ranks"]))
+    for r in results["pipeline"][-1]["ranks"]:
+        print(f"  rank layers {r['layers']}: compute {r['compute_ms']:.2f} ms, send {r['send_ms']:.2f} ms, "
+              f"waiting {r['wait_ms']:.2f} ms per token")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

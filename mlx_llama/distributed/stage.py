@@ -1,0 +1,112 @@
+"""One rank's slice of the model: some decoder layers, plus the embedding and/or the output head.
+
+The stage's parameters carry the checkpoint's names (layer i stays
+`model.layers.i`, the list is padded with None below the rank's first layer,
+as mlx-lm's pipeline models do), so the common loader quantizes, casts and
+fuses it exactly as it does the whole model, and per-module quantization
+overrides still apply.  Only the tensors the stage holds are read from the
+shards: `mx.load` maps a safetensors file lazily, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_llama.config import ModelConfig
+from mlx_llama.distributed.partition import StagePlan, plan_stages
+from mlx_llama.interfaces import KVCache
+from mlx_llama.kernels import extension
+from mlx_llama.loader import DTYPES, default_dtype, load_weights_into, read_weights
+from mlx_llama.model.cache import make_cache
+from mlx_llama.model.llama import DecoderLayer, RMSNorm, output_logits
+from mlx_llama.model_dir import ModelDir
+
+
+class _StageBody(nn.Module):
+    """The part of `LlamaModel` one rank holds, under the same attribute names."""
+
+    def __init__(self, cfg: ModelConfig, plan: StagePlan) -> None:
+        super().__init__()
+        if plan.first or (plan.last and cfg.tie_word_embeddings):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [None] * plan.layers.start + [DecoderLayer(cfg) for _ in plan.layers]
+        if plan.last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class PipelineStage(nn.Module):
+    """Rank `plan.rank`'s layers of the model; `embed` on the first rank, `logits` on the last."""
+
+    def __init__(self, cfg: ModelConfig, plan: StagePlan, dtype: mx.Dtype) -> None:
+        super().__init__()
+        self.config = cfg
+        self.plan = plan
+        self.compute_dtype = dtype
+        self.model = _StageBody(cfg, plan)
+        if plan.last and not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tensor_names: list[str] = []  # the checkpoint tensors this rank read
+        self.tensor_bytes = 0
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers[self.plan.layers.start :]
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list[KVCache]:
+        """Caches for this rank's layers only."""
+        return make_cache(len(self.layers), max_kv_size, keep)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        h = self.model.embed_tokens(tokens)
+        # A quantized embedding dequantizes in float32; activations take the compute dtype.
+        return h if h.dtype == self.compute_dtype else h.astype(self.compute_dtype)
+
+    def forward_layers(self, h: mx.array, cache: Sequence[KVCache]) -> mx.array:
+        """This rank's layers over hidden states `h` (B, L, hidden), updating its caches."""
+        with extension.resolved():
+            mask = cache[0].make_mask(h.shape[1])
+            for layer, c in zip(self.layers, cache):
+                h = layer(h, mask, c)
+        return h
+
+    def logits(self, h: mx.array, last_only: bool) -> mx.array:
+        with extension.resolved():
+            return output_logits(self, h, last_only)
+
+
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A model directory and the size of each tensor in its shards (only their headers read)."""
+
+    model_dir: ModelDir
+    tensor_bytes: dict[str, int]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "OpenedCheckpoint":
+        model_dir = ModelDir.open(path)
+        # Sizes only: a lazy array kept here would keep its data alive once the stage has read it.
+        return cls(model_dir, {name: t.nbytes for name, t in read_weights(model_dir).items()})
+
+    def plans(self, size: int) -> list[StagePlan]:
+        cfg = self.model_dir.config
+        return plan_stages(self.tensor_bytes, cfg.num_hidden_layers, size, cfg.tie_word_embeddings)
+
+
+def load_stage(checkpoint: OpenedCheckpoint, rank: int, size: int, dtype: str | None = None) -> PipelineStage:
+    """Rank `rank` of `size`'s stage, reading only its tensors from the shards."""
+    cfg = checkpoint.model_dir.config
+    plan = checkpoint.plans(size)[rank]
+    dtype = dtype or default_dtype()
+    # An unknown dtype name is refused, with the loader's message, by load_weights_into.
+    stage = PipelineStage(cfg, plan, DTYPES.get(dtype, mx.float32))
+    stage.tensor_names = sorted(k for k in checkpoint.tensor_bytes if plan.holds(k, cfg.tie_word_embeddings))
+    stage.tensor_bytes = sum(checkpoint.tensor_bytes[k] for k in stage.tensor_names)
+    mine = set(stage.tensor_names)
+    # Built in the call, so that no name here keeps the unfused q/k/v and gate/up parts alive afterwards.
+    return load_weights_into(stage, checkpoint.model_dir,
+                             {k: v for k, v in read_weights(checkpoint.model_dir).items() if k in mine}, dtype)

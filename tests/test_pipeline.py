@@ -1,0 +1,231 @@
+"""Pipeline parallelism (mlx_llama.distributed): 2 ranks of the ring backend on 127.0.0.1 against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from mlx_llama.distributed.partition import plan_stages, split_layers
+from mlx_llama.errors import MlxLlamaError
+
+from conftest import STORIES260K
+
+BIN = Path(sys.executable).parent
+PROBE = Path(__file__).with_name("pipeline_probe.py")
+PROMPT = "1,7,30,12,99,5,61"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring` on this host, on a free port."""
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _start_ranks(args_per_rank: list[list[str]], tmp_path: Path, size: int = 2) -> list[subprocess.Popen]:
+    """Start the first ranks of `size` directly, as the launcher would, so that no launcher ends the survivors."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{_free_port()}"] for _ in range(size)]))
+    procs = []
+    for rank, args in enumerate(args_per_rank):
+        env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+        procs.append(subprocess.Popen([str(BIN / "mlx-llama"), *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+# ---- the split ---------------------------------------------------------------------------------
+
+
+def _brute_force_max(layer_bytes: list[int], size: int, first: int, last: int) -> int:
+    n, best = len(layer_bytes), None
+    for cuts in combinations(range(1, n), size - 1):
+        bounds = [0, *cuts, n]
+        parts = [sum(layer_bytes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        parts[0] += first
+        parts[-1] += last
+        best = max(parts) if best is None else min(best, max(parts))
+    return best
+
+
+def test_split_is_contiguous_and_minimises_the_largest_rank() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n, size = rng.randint(1, 9), rng.randint(1, 4)
+        if size > n:
+            continue
+        layer_bytes = [rng.randint(1, 100) for _ in range(n)]
+        first, last = rng.randint(0, 300), rng.randint(0, 300)
+        ranges = split_layers(layer_bytes, size, first, last)
+        assert [r.start for r in ranges] == [0] + [r.stop for r in ranges[:-1]] and ranges[-1].stop == n
+        assert all(len(r) > 0 for r in ranges)
+        parts = [sum(layer_bytes[i] for i in r) for r in ranges]
+        parts[0] += first
+        parts[-1] += last
+        assert max(parts) == _brute_force_max(layer_bytes, size, first, last)
+
+
+def test_the_ends_hold_the_embedding_and_the_head() -> None:
+    tensors = {f"model.layers.{i}.mlp.weight": 10 for i in range(8)}
+    tensors |= {"model.embed_tokens.weight": 30, "model.norm.weight": 1, "lm_head.weight": 30}
+    plans = plan_stages(tensors, 8, 2, tied_embeddings=True)
+    assert [p.layers for p in plans] == [range(0, 4), range(4, 8)]  # the stray lm_head copy is not counted
+    first, last = plans
+    assert first.holds("model.embed_tokens.weight", True) and last.holds("model.embed_tokens.weight", True)
+    assert not first.holds("model.norm.weight", True) and last.holds("model.norm.weight", True)
+    assert not last.holds("lm_head.weight", True) and last.holds("lm_head.weight", False)
+    assert not last.holds("model.embed_tokens.weight", False)
+    assert [p.layers for p in plan_stages(tensors, 8, 2, tied_embeddings=False)] == [range(0, 4), range(4, 8)]
+    with pytest.raises(MlxLlamaError, match="cannot be split across 9 ranks"):
+        plan_stages(tensors, 8, 9, tied_embeddings=True)
+
+
+# ---- two ranks against one process -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_layers(make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint(num_hidden_layers=4, tie_word_embeddings=False)
+
+
+def _probe(model: Path, out: Path, max_kv: int, mode: str) -> dict[str, np.ndarray]:
+    args = [sys.executable, str(PROBE), str(model), str(out), PROMPT, "12", str(max_kv), "3", mode]
+    run = _launch(args) if mode == "pipeline" else subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with np.load(f"{out}.npz") as f:
+        return dict(f)
+
+
+def _assert_same_run(model: Path, tmp_path: Path, max_kv: int) -> None:
+    single = _probe(model, tmp_path / "single", max_kv, "single")
+    piped = _probe(model, tmp_path / "pipe", max_kv, "pipeline")
+    assert single["ids"].tolist() == piped["ids"].tolist()
+    assert single.keys() == piped.keys()
+    for key in single:
+        np.testing.assert_array_equal(single[key], piped[key], err_msg=key)  # bit-identical
+
+
+@pytest.mark.parametrize("max_kv", [-1, 6], ids=["growing", "rotating"])
+def test_two_ranks_give_the_single_process_ids_and_logits(four_layers: Path, tmp_path: Path, max_kv: int) -> None:
+    _assert_same_run(four_layers, tmp_path, max_kv)
+
+
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="stories260K fixture not present")
+def test_two_ranks_match_on_stories260k(tmp_path: Path) -> None:
+    _assert_same_run(STORIES260K, tmp_path, -1)
+
+
+def test_each_rank_reads_only_its_tensors(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    # Layers of ~4 MB, so that the weights dwarf what else a process reads (its Python modules, sockets).
+    model = make_checkpoint(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                            head_dim=64, tie_word_embeddings=False)
+    out = tmp_path / "pipe"
+    _probe(model, out, -1, "pipeline")
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
+    layers = [{int(n.split(".")[2]) for n in r["tensors"] if n.startswith("model.layers.")} for r in ranks]
+    assert layers == [{0, 1}, {2, 3}]
+    assert "model.embed_tokens.weight" in ranks[0]["tensors"] and "lm_head.weight" not in ranks[0]["tensors"]
+    assert {"model.norm.weight", "lm_head.weight"} <= set(ranks[1]["tensors"])
+    assert "model.embed_tokens.weight" not in ranks[1]["tensors"]
+    total = (model / "model.safetensors").stat().st_size
+    for r in ranks:
+        # What this process read is its tensors (plus headers, config, modules), not the whole file.
+        assert r["tensor_bytes"] < 0.6 * total
+        assert r["tensor_bytes"] <= r["bytes_read"] < r["tensor_bytes"] + 2_000_000
+
+
+# ---- the CLI and failures ----------------------------------------------------------------------
+
+
+def test_generate_pipeline_prints_the_single_process_tokens(four_layers: Path) -> None:
+    args = ["-m", str(four_layers), "--prompt-ids", PROMPT, "-n", "10"]
+    single = subprocess.run([str(BIN / "mlx-llama"), "generate", *args], capture_output=True, text=True, timeout=60)
+    piped = _launch([str(BIN / "mlx-llama"), "generate", *args, "--pipeline", "-v"])
+    assert single.returncode == 0 and piped.returncode == 0, piped.stderr
+    assert piped.stdout.split() == single.stdout.split()  # rank 0 alone prints
+    for rank in (0, 1):
+        assert f"rank {rank} (" in piped.stderr and "per token: compute" in piped.stderr
+
+
+def test_info_shows_the_group() -> None:
+    run = _launch([str(BIN / "mlx-llama"), "info"])
+    assert run.returncode == 0, run.stderr
+    assert "distributed: rank 0 of 2 over ring" in run.stdout and "distributed: rank 1 of 2 over ring" in run.stdout
+
+
+def _last_error_line(stderr: str) -> str:
+    # MLX's ring backend logs its socket errors on stderr too; ours is the one line starting "Error:".
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def _generate_args(model: Path, *extra: str) -> list[str]:
+    return ["generate", "-m", str(model), "--prompt-ids", PROMPT, "-n", "100000", "--pipeline", *extra]
+
+
+def _wait_for_tokens(proc: subprocess.Popen, n: int) -> None:
+    for _ in range(n):
+        assert proc.stdout.readline(), proc.stderr.read()
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_lost_rank_ends_the_other_with_one_error_line(four_layers: Path, tmp_path: Path, how: str) -> None:
+    args = _generate_args(four_layers, "--pipeline-timeout", "3")
+    rank0, rank1 = _start_ranks([args, args], tmp_path)
+    try:
+        _wait_for_tokens(rank0, 3)
+        os.kill(rank1.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t = time.monotonic()
+        _, stderr = rank0.communicate(timeout=30)
+        assert time.monotonic() - t < 30
+        assert rank0.returncode == 1
+        assert _last_error_line(stderr).startswith("Error: rank 0 (")
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_a_rank_without_the_model_dir_is_named_by_every_rank(four_layers: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "not-here"
+    procs = _start_ranks([_generate_args(four_layers), _generate_args(missing)], tmp_path)
+    for p in procs:
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 1
+        line = _last_error_line(stderr)
+        assert line.startswith("Error: rank 1 (") and "not-here" in line and "not found" in line
+
+
+def test_an_error_on_rank_0_ends_the_other_ranks(four_layers: Path, tmp_path: Path) -> None:
+    args = ["generate", "-m", str(four_layers), "--prompt", "hi", "--pipeline"]  # no tokenizer: rank 0 refuses
+    rank0, rank1 = _start_ranks([args, args], tmp_path)
+    _, err0 = rank0.communicate(timeout=60)
+    _, err1 = rank1.communicate(timeout=60)
+    assert rank0.returncode == 1 and "has no tokenizer.json: use --prompt-ids" in _last_error_line(err0)
+    assert rank1.returncode == 1 and _last_error_line(err1).endswith("rank 0 stopped with an error")
+
+
+def test_a_rank_that_cannot_connect_gives_up(four_layers: Path, tmp_path: Path) -> None:
+    (rank0,) = _start_ranks([_generate_args(four_layers, "--pipeline-timeout", "2")], tmp_path)  # rank 1 never comes
+    _, stderr = rank0.communicate(timeout=30)
+    # Killed by its deadline process (MLX connects holding the GIL): SIGTERM, not exit status 1.
+    assert rank0.returncode != 0 and "connecting to the other ranks" in _last_error_line(stderr)
