@@ -71,7 +71,7 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
     mode = qmm or extension.get_mode()
     if tolerance is None:
         tolerance = TOLERANCES[dtype]
-        if cfg.quantization and mode == "q8":
+        if cfg.quantization and mode in ("q8", "auto"):
             tolerance = max(tolerance, Q8_TOLERANCE)
     with extension.using_mode(mode):
         kernel = f", quantized matmul: {extension.backend_name()}" if cfg.quantization else ""
