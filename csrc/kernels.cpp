@@ -523,9 +523,32 @@ struct Q8Ctx {
   int n_chunks; // K / E
 };
 
+// One block of 32 activations rounded to integers in [-qmax, qmax]:
+// q = round(x / d) with d = max|x| / qmax (round half to even, as
+// _mm256_cvtps_epi32 does in the default rounding mode) into qi; returns d.
+TARGET_AVX2 inline float quantize_block(const float* p, float qmax, __m256i qi[4]) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(p + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 m4 = _mm_max_ps(
+      _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float am = _mm_cvtss_f32(m4);
+  const float db = am / qmax;
+  const __m256 id = _mm256_set1_ps(db > 0.f ? qmax / am : 0.f);
+  for (int i = 0; i < 4; ++i) {
+    qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+  }
+  return db;
+}
+
 // Quantize row m of x into plane order for `bits`: int8 values q = round(x / d)
-// per block of 32 with d = max|x| / 127 (round half to even, as
-// _mm256_cvtps_epi32 does in the default rounding mode).
+// per block of 32 with d = max|x| / 127.
 TARGET_AVX2 void quantize_row(
     const float* x,
     int K,
@@ -553,27 +576,12 @@ TARGET_AVX2 void quantize_row(
     dv.resize(nb);
     d = dv.data();
   }
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int blk = 0; blk < nb; ++blk) {
-    const float* p = x + blk * 32;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(p + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
-    }
-    __m128 m4 = _mm_max_ps(
-        _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float am = _mm_cvtss_f32(m4);
-    const float db = am / 127.f;
-    const __m256 id = _mm256_set1_ps(db > 0.f ? 127.f / am : 0.f);
-    d[blk] = db;
     __m256i qi[4];
+    const float db = quantize_block(x + blk * 32, 127.f, qi);
+    d[blk] = db;
     __m256i isum = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
-      qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
       isum = _mm256_add_epi32(isum, qi[i]);
     }
     const __m256i q16a = _mm256_packs_epi32(qi[0], qi[1]);
@@ -630,26 +638,9 @@ TARGET_AVX2 void quantize_row(
 // q = round(x / d) per block of 32 with d = max|x| / 32767, in plain order;
 // xs as quantize_row writes it (one block per chunk at 8 bits).
 TARGET_AVX2 void quantize_row16(const float* x, int K, int16_t* xq, float* xs) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int blk = 0; blk < K / 32; ++blk) {
-    const float* p = x + blk * 32;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(p + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
-    }
-    __m128 m4 = _mm_max_ps(
-        _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float am = _mm_cvtss_f32(m4);
-    const float db = am / 32767.f;
-    const __m256 id = _mm256_set1_ps(db > 0.f ? 32767.f / am : 0.f);
     __m256i qi[4];
-    for (int i = 0; i < 4; ++i) {
-      qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
-    }
+    const float db = quantize_block(x + blk * 32, 32767.f, qi);
     // packs interleaves the 128-bit lanes; the permute restores plain order.
     for (int h = 0; h < 2; ++h) {
       _mm256_storeu_si256(
