@@ -7,7 +7,8 @@ Prints, in one run:
 * GEMV (M=1) time and GB/s (bytes of weights + scales + biases per call) for 4-
   and 8-bit weights, group size 64, on 8192x2048 and 128256x2048 matrices (ours
   cycles through copies of at least 256 MB in all, so weights come from memory):
-  our int8-activation kernel (q8), our float32 kernel (exact) and
+  our int8-activation kernel (q8), for 8-bit weights our int16-activation
+  kernel (q16, the default there), our float32 kernel (exact) and
   mx.quantized_matmul; ratio to the read bandwidth and speed-up over MLX;
 * prefill (M=512, 8192x2048) GFLOP/s: our kernels vs dequantize + mx.matmul
   (whatever BLAS mx.matmul runs on: mlx_llama routes it to OpenBLAS when
@@ -69,6 +70,10 @@ def ext_read_bw(ext, a: mx.array, reps: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
+# Our kernels per bit width (q16 is for 8-bit weights only).
+MODES = {4: ("q8", "exact"), 8: ("q16", "q8", "exact")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 128256-row matrix for MLX")
@@ -122,7 +127,7 @@ def main() -> None:
             # (one 8192x2048 matrix fits this CPU's last-level cache).
             copies = [(w, s, b)] + [(w + 0, s + 0, b + 0) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
             mx.eval(copies)
-            for mode in ("q8", "exact"):
+            for mode in MODES[bits]:
                 t = timeit(
                     lambda: [ext.quantized_matmul(x, *c, group_size=64, bits=bits, mode=mode) for c in copies], reps
                 ) / len(copies)
@@ -147,8 +152,8 @@ def main() -> None:
         w, s, b = mx.quantize(W, group_size=64, bits=bits)
         mx.eval(w, s, b)
         rows = []
-        for mode in ("q8", "exact"):
-            r = 3 if mode == "q8" else 1
+        for mode in MODES[bits]:
+            r = 1 if mode == "exact" else 3
             rows.append((f"ours ({mode})", timeit(lambda: ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode), r)))
         rows.append(("ours dequantize + mx.matmul", timeit(lambda: x @ ext.dequantize(w, s, b, group_size=64, bits=bits).T, 3)))
         rows.append(("mx.dequantize + mx.matmul", timeit(lambda: x @ mx.dequantize(w, s, b, group_size=64, bits=bits).T, 3)))

@@ -28,10 +28,12 @@ NB_MODULE(_qmm_ext, m) {
         mlx_llama::Mode md;
         if (mode == "q8") {
           md = mlx_llama::Mode::Q8;
+        } else if (mode == "q16") {
+          md = mlx_llama::Mode::Q16;
         } else if (mode == "exact") {
           md = mlx_llama::Mode::Exact;
         } else {
-          throw std::invalid_argument("mode must be 'q8' or 'exact'");
+          throw std::invalid_argument("mode must be 'q8', 'q16' or 'exact'");
         }
         return mlx_llama::quantized_matmul(
             x, w, scales, biases, group_size, bits, md, s);
@@ -66,6 +68,13 @@ NB_MODULE(_qmm_ext, m) {
       "group_size"_a,
       "bits"_a,
       "Whether the int8-activation fast path handles these parameters.");
+  m.def(
+      "q16_supported",
+      &mlx_llama::q16_supported,
+      "K"_a,
+      "group_size"_a,
+      "bits"_a,
+      "Whether the int16-activation fast path (8-bit weights) handles these parameters.");
 
   m.def(
       "set_blas_pointers",

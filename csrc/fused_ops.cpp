@@ -91,19 +91,27 @@ TARGET_AVX2 float exp_sub_sum_avx2(float* p, int n, float m) {
   return s;
 }
 
-// y = silu(g) * u = g * u / (1 + e^-g)
+// y = silu(g) * u = g * u / (1 + e^-g) for 8 values.
+TARGET_AVX2 inline __m256 swiglu8(__m256 gv, __m256 uv) {
+  const __m256 e = exp_avx2(_mm256_xor_ps(gv, _mm256_set1_ps(-0.f)));
+  return _mm256_div_ps(_mm256_mul_ps(gv, uv), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+// The tail (fewer than 8 values) goes through the same vector code via a
+// padded copy: an element's result must not depend on where the task or the
+// array ends (batch invariance: a row's tail is no tail inside a batch).
 TARGET_AVX2 void swiglu_avx2(const float* g, const float* u, float* y, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 sign = _mm256_set1_ps(-0.f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i);
-    const __m256 e = exp_avx2(_mm256_xor_ps(gv, sign));
-    _mm256_storeu_ps(
-        y + i,
-        _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + i)), _mm256_add_ps(one, e)));
+    _mm256_storeu_ps(y + i, swiglu8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
   }
-  swiglu_scalar(g + i, u + i, y + i, n - i);
+  if (i < n) {
+    alignas(32) float gt[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ut[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(g + i, g + n, gt);
+    std::copy(u + i, u + n, ut);
+    _mm256_store_ps(gt, swiglu8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
+    std::copy(gt, gt + (n - i), y + i);
+  }
 }
 #endif
 

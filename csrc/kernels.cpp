@@ -10,6 +10,8 @@
 //    that a 32-byte load of packed weights splits into bits-wide planes with a
 //    shift and a mask and meets its activations with _mm256_maddubs_epi16.
 //    The bias term uses the exact float32 group sums of x.
+//  * Q16 (AVX2 only, 8-bit weights): as Q8 with int16 activations per block
+//    of 32 (d = max|x| / 32767) and _mm256_madd_epi16.
 //
 // Every output element is computed by one task with a fixed operation order
 // that does not depend on the number of threads, so results are bit-identical
@@ -280,7 +282,10 @@ TARGET_AVX2 void unpack_group_avx2(
 #endif
 
 #ifdef MLXL_X86
-// dot(x[0:g], q[k0:k0+g]) with q unpacked on the fly (bits 2/4/8, g % 32 == 0).
+// dot(x[0:g], q[k0:k0+g]) as 8 lanes, q unpacked on the fly (BITS 2/4/8,
+// g % 32 == 0) or, with BITS == 0, read as floats from an unpacked row (`row`
+// then points at K floats). Both give the same float vectors in the same
+// order, so an output is bit-identical whichever source its batch used.
 template <int BITS>
 TARGET_AVX2 inline __m256 fused_group_dot(
     const uint8_t* row,
@@ -288,7 +293,14 @@ TARGET_AVX2 inline __m256 fused_group_dot(
     int g,
     const float* x) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 0) {
+    const float* q = reinterpret_cast<const float*>(row) + k0;
+    for (int i = 0; i < g; i += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(q + i), a0);
+      a1 = _mm256_fmadd_ps(
+          _mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(q + i + 8), a1);
+    }
+  } else if constexpr (BITS == 4) {
     const uint32_t* w = reinterpret_cast<const uint32_t*>(row) + k0 / 8;
     const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i mask = _mm256_set1_epi32(0xF);
@@ -329,8 +341,8 @@ TARGET_AVX2 inline __m256 fused_group_dot(
   return _mm256_add_ps(a0, a1);
 }
 
-// One output y[m, n] for few-row x: lane-wise sum_g s_g * dot_g, one
-// horizontal sum at the end, plus the bias term.
+// One output y[m, n]: lane-wise sum_g s_g * dot_g, one horizontal sum at the
+// end, plus the bias term.
 template <int BITS>
 TARGET_AVX2 float fused_row_dot(
     const uint8_t* row,
@@ -393,10 +405,14 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
   std::vector<float> acc(a.M);
   std::vector<float> sbuf, bbuf;
 #ifdef MLXL_X86
-  // Few rows of x: unpack on the fly (no round trip through buf).
+  // Few rows of x: unpack on the fly; more rows: unpack each weight row to
+  // float32 once and read it back per activation row. The two give the same
+  // bits (see fused_group_dot), so a row's result does not depend on M.
   const FusedDot fused =
-      (c.avx2 && g % 32 == 0 && a.M <= 4) ? fused_dot_for(a.bits) : nullptr;
+      (c.avx2 && g % 32 == 0) ? fused_dot_for(a.bits) : nullptr;
   if (fused) {
+    const bool unpack = a.M > 4;
+    std::vector<float> qrow(unpack ? a.K : 0);
     const int pbytes = scale_bytes(a.stype);
     for (int n = n0; n < n1; ++n) {
       const uint8_t* row =
@@ -405,27 +421,31 @@ void exact_rows(const ExactCtx& c, int n0, int n1) {
           params_f32(a.scales, a.stype, int64_t(n) * c.n_groups, c.n_groups, sbuf);
       const float* b =
           params_f32(a.biases, a.stype, int64_t(n) * c.n_groups, c.n_groups, bbuf);
-      // Rows are too short for the hardware prefetcher (see q8_tile): fetch
-      // the row after next while this one is computed.
-      for (int off = 0; off < c.row_bytes; off += 64) {
-        _mm_prefetch(
-            reinterpret_cast<const char*>(row) + 2 * c.row_bytes + off,
-            _MM_HINT_T0);
-      }
-      const int64_t pnext = (int64_t(n) + 2) * c.n_groups * pbytes;
-      for (int off = 0; off < c.n_groups * pbytes; off += 64) {
-        _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
-        _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
+      if (unpack) {
+        for (int gi = 0; gi < c.n_groups; ++gi) {
+          unpack_group_avx2(row, gi * g, g, a.bits, qrow.data() + gi * g);
+        }
+      } else {
+        // Rows are too short for the hardware prefetcher (see q8_tile):
+        // fetch the row after next while this one is computed.
+        for (int off = 0; off < c.row_bytes; off += 64) {
+          _mm_prefetch(
+              reinterpret_cast<const char*>(row) + 2 * c.row_bytes + off,
+              _MM_HINT_T0);
+        }
+        const int64_t pnext = (int64_t(n) + 2) * c.n_groups * pbytes;
+        for (int off = 0; off < c.n_groups * pbytes; off += 64) {
+          _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
+          _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
+        }
       }
       for (int m = 0; m < a.M; ++m) {
-        a.y[int64_t(m) * a.N + n] = fused(
-            row,
-            s,
-            b,
-            a.x + int64_t(m) * a.K,
-            c.xsum + int64_t(m) * c.n_groups,
-            c.n_groups,
-            g);
+        const float* xm = a.x + int64_t(m) * a.K;
+        const float* xsm = c.xsum + int64_t(m) * c.n_groups;
+        a.y[int64_t(m) * a.N + n] = unpack
+            ? fused_row_dot<0>(
+                  reinterpret_cast<const uint8_t*>(qrow.data()), s, b, xm, xsm, c.n_groups, g)
+            : fused(row, s, b, xm, xsm, c.n_groups, g);
       }
     }
     return;
@@ -505,7 +525,7 @@ void qmatmul_exact(const QMatmulArgs& a) {
 
 struct Q8Ctx {
   const QMatmulArgs* a;
-  const int8_t* xq; // M x K, plane order
+  const void* xq; // M x K, plane order: int8 (Q8) or int16 (Q16, 8 bits)
   const float* xs; // M x (K / E * 8): per-lane activation scales
   const float* xsum; // M x n_groups
   const float* xdq; // M x n_groups: sums of the int8-rounded activations
@@ -514,9 +534,32 @@ struct Q8Ctx {
   int n_chunks; // K / E
 };
 
+// One block of 32 activations rounded to integers in [-qmax, qmax]:
+// q = round(x / d) with d = max|x| / qmax (round half to even, as
+// _mm256_cvtps_epi32 does in the default rounding mode) into qi; returns d.
+TARGET_AVX2 inline float quantize_block(const float* p, float qmax, __m256i qi[4]) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(p + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 m4 = _mm_max_ps(
+      _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float am = _mm_cvtss_f32(m4);
+  const float db = am / qmax;
+  const __m256 id = _mm256_set1_ps(db > 0.f ? qmax / am : 0.f);
+  for (int i = 0; i < 4; ++i) {
+    qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+  }
+  return db;
+}
+
 // Quantize row m of x into plane order for `bits`: int8 values q = round(x / d)
-// per block of 32 with d = max|x| / 127 (round half to even, as
-// _mm256_cvtps_epi32 does in the default rounding mode).
+// per block of 32 with d = max|x| / 127.
 TARGET_AVX2 void quantize_row(
     const float* x,
     int K,
@@ -544,27 +587,12 @@ TARGET_AVX2 void quantize_row(
     dv.resize(nb);
     d = dv.data();
   }
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int blk = 0; blk < nb; ++blk) {
-    const float* p = x + blk * 32;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(p + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
-    }
-    __m128 m4 = _mm_max_ps(
-        _mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float am = _mm_cvtss_f32(m4);
-    const float db = am / 127.f;
-    const __m256 id = _mm256_set1_ps(db > 0.f ? 127.f / am : 0.f);
-    d[blk] = db;
     __m256i qi[4];
+    const float db = quantize_block(x + blk * 32, 127.f, qi);
+    d[blk] = db;
     __m256i isum = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
-      qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
       isum = _mm256_add_epi32(isum, qi[i]);
     }
     const __m256i q16a = _mm256_packs_epi32(qi[0], qi[1]);
@@ -614,6 +642,24 @@ TARGET_AVX2 void quantize_row(
     for (int l = 0; l < 8; ++l) {
       xs[c * 8 + l] = d[(c * E + 4 * P * l) / 32];
     }
+  }
+}
+
+// Quantize row m of x for the Q16 path (8-bit weights): int16 values
+// q = round(x / d) per block of 32 with d = max|x| / 32767, in plain order;
+// xs as quantize_row writes it (one block per chunk at 8 bits).
+TARGET_AVX2 void quantize_row16(const float* x, int K, int16_t* xq, float* xs) {
+  for (int blk = 0; blk < K / 32; ++blk) {
+    __m256i qi[4];
+    const float db = quantize_block(x + blk * 32, 32767.f, qi);
+    // packs interleaves the 128-bit lanes; the permute restores plain order.
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(xq + blk * 32 + 16 * h),
+          _mm256_permute4x64_epi64(
+              _mm256_packs_epi32(qi[2 * h], qi[2 * h + 1]), 0xd8));
+    }
+    _mm256_storeu_ps(xs + blk * 8, _mm256_set1_ps(db));
   }
 }
 
@@ -721,8 +767,14 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 // bf16 scales into a stack buffer first was 4-6% slower (4-bit GEMV, paired
 // runs), as the loop then waited on their cache misses instead of overlapping
 // them with the weights.
-template <int BITS, int RK, int R, int C, ScaleType ST>
+//
+// X16 (BITS == 8 only): int16 activations. The weights' q - 128 is widened
+// to int16 and meets the activations with _mm256_madd_epi16; a lane sums 4
+// products of at most 128 * 32767, below 2^24, so its float conversion is
+// exact too.
+template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false>
 TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+  static_assert(!X16 || BITS == 8, "int16 activations are for 8-bit weights");
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
   const QMatmulArgs& a = *c.a;
@@ -741,7 +793,8 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const int8_t* xr[C];
   const float* xsr[C];
   for (int j = 0; j < C; ++j) {
-    xr[j] = c.xq + int64_t(m0 + j) * a.K;
+    xr[j] = static_cast<const int8_t*>(c.xq) +
+        int64_t(m0 + j) * a.K * (X16 ? 2 : 1);
     xsr[j] = c.xs + int64_t(m0 + j) * c.n_chunks * 8;
   }
   __m256 acc[R][C];
@@ -774,7 +827,21 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
       const __m256i raw =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ch * 32));
       const __m256 wsv = lane_scales<RK, ST>(sp, sr[r], ch, cpg_shift);
-      if constexpr (BITS == 8) {
+      if constexpr (X16) {
+        const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qs));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qs, 1));
+        for (int j = 0; j < C; ++j) {
+          const __m256i* xp =
+              reinterpret_cast<const __m256i*>(xr[j] + int64_t(ch) * 64);
+          const __m256i i32 = _mm256_add_epi32(
+              _mm256_madd_epi16(w0, _mm256_load_si256(xp)),
+              _mm256_madd_epi16(w1, _mm256_load_si256(xp + 1)));
+          const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
+          acc[r][j] = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
+        }
+      } else if constexpr (BITS == 8) {
         const __m256i qs = _mm256_xor_si256(raw, flip); // q - 128 as int8
         const __m256i qa = _mm256_sign_epi8(qs, qs); // |q - 128|
         for (int j = 0; j < C; ++j) {
@@ -848,23 +915,27 @@ struct TileSet {
   int wide_rows[4];
 };
 
-template <int BITS, int RK, ScaleType ST>
+template <int BITS, int RK, ScaleType ST, bool X16 = false>
 TileSet make_tiles() {
   return TileSet{
-      {q8_tile<BITS, RK, 4, 1, ST>,
-       q8_tile<BITS, RK, 4, 2, ST>,
-       q8_tile<BITS, RK, 2, 3, ST>,
-       q8_tile<BITS, RK, 2, 4, ST>},
-      {q8_tile<BITS, RK, 1, 1, ST>,
-       q8_tile<BITS, RK, 1, 2, ST>,
-       q8_tile<BITS, RK, 1, 3, ST>,
-       q8_tile<BITS, RK, 1, 4, ST>},
+      {q8_tile<BITS, RK, 4, 1, ST, X16>,
+       q8_tile<BITS, RK, 4, 2, ST, X16>,
+       q8_tile<BITS, RK, 2, 3, ST, X16>,
+       q8_tile<BITS, RK, 2, 4, ST, X16>},
+      {q8_tile<BITS, RK, 1, 1, ST, X16>,
+       q8_tile<BITS, RK, 1, 2, ST, X16>,
+       q8_tile<BITS, RK, 1, 3, ST, X16>,
+       q8_tile<BITS, RK, 1, 4, ST, X16>},
       {4, 4, 2, 2}};
 }
 
 template <ScaleType ST>
-const TileSet* tiles_for_type(int bits, int g) {
+const TileSet* tiles_for_type(int bits, int g, bool x16) {
   static const TileSet t8 = make_tiles<8, 1, ST>();
+  static const TileSet t8_x16 = make_tiles<8, 1, ST, true>();
+  if (x16) {
+    return &t8_x16;
+  }
   static const TileSet t4_1 = make_tiles<4, 1, ST>();
   static const TileSet t4_2 = make_tiles<4, 2, ST>();
   static const TileSet t2_1 = make_tiles<2, 1, ST>();
@@ -884,14 +955,14 @@ const TileSet* tiles_for_type(int bits, int g) {
   }
 }
 
-const TileSet* tiles_for(int bits, int g, ScaleType t) {
+const TileSet* tiles_for(int bits, int g, ScaleType t, bool x16) {
   switch (t) {
     case ScaleType::BF16:
-      return tiles_for_type<ScaleType::BF16>(bits, g);
+      return tiles_for_type<ScaleType::BF16>(bits, g, x16);
     case ScaleType::F16:
-      return tiles_for_type<ScaleType::F16>(bits, g);
+      return tiles_for_type<ScaleType::F16>(bits, g, x16);
     default:
-      return tiles_for_type<ScaleType::F32>(bits, g);
+      return tiles_for_type<ScaleType::F32>(bits, g, x16);
   }
 }
 
@@ -923,11 +994,13 @@ std::vector<int> row_blocks(int N, int M, int threads) {
   return bounds;
 }
 
-void qmatmul_q8(const QMatmulArgs& a) {
+// x16: int16 activations (Mode::Q16, 8-bit weights), else int8.
+void qmatmul_q8(const QMatmulArgs& a, bool x16) {
   const int E = 256 / a.bits;
   const int ng = a.K / a.group_size;
   const int n_chunks = a.K / E;
-  const TileSet* ts = tiles_for(a.bits, a.group_size, a.stype);
+  const TileSet* ts = tiles_for(a.bits, a.group_size, a.stype, x16);
+  const int xbytes = x16 ? 2 : 1;
 
   // Scratch: quantized x (32-byte aligned rows; K is a multiple of 32).
   struct Scratch {
@@ -935,7 +1008,7 @@ void qmatmul_q8(const QMatmulArgs& a) {
     std::vector<float> xs, xsum, xdq;
   };
   static thread_local Scratch sc;
-  const size_t xq_bytes = size_t(a.M) * a.K + 64;
+  const size_t xq_bytes = size_t(a.M) * a.K * xbytes + 64;
   if (sc.xq.size() < xq_bytes) {
     sc.xq.resize(xq_bytes);
   }
@@ -956,6 +1029,14 @@ void qmatmul_q8(const QMatmulArgs& a) {
   auto& pool = ThreadPool::instance();
   auto prep = [&](int m0, int m1) {
     for (int m = m0; m < m1; ++m) {
+      if (x16) {
+        quantize_row16(
+            a.x + int64_t(m) * a.K,
+            a.K,
+            reinterpret_cast<int16_t*>(xq) + int64_t(m) * a.K,
+            xs + int64_t(m) * n_chunks * 8);
+        continue;
+      }
       quantize_row(
           a.x + int64_t(m) * a.K,
           a.K,
@@ -1025,6 +1106,10 @@ float dot_f32(const float* a, const float* b, int n) {
   return dot_scalar(a, b, n);
 }
 
+bool q16_supported(int K, int group_size, int bits) {
+  return bits == 8 && q8_supported(K, group_size, bits);
+}
+
 bool q8_supported(int K, int group_size, int bits) {
 #ifdef MLXL_X86
   if (!cpu_has_avx2()) {
@@ -1052,7 +1137,11 @@ void qmatmul(const QMatmulArgs& a, Mode mode) {
   }
 #ifdef MLXL_X86
   if (mode == Mode::Q8 && q8_supported(a.K, a.group_size, a.bits)) {
-    qmatmul_q8(a);
+    qmatmul_q8(a, false);
+    return;
+  }
+  if (mode == Mode::Q16 && q16_supported(a.K, a.group_size, a.bits)) {
+    qmatmul_q8(a, true);
     return;
   }
 #endif

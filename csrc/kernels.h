@@ -6,6 +6,11 @@
 //   biases:  N x (K / group_size), the same type as scales
 //   w_hat[n, k] = scales[n, k / g] * q[n, k] + biases[n, k / g]
 // x is M x K float32 (row-major), y is M x N float32.
+//
+// Batch invariance: in every mode, row i of y is bit-identical for any M
+// (and any thread count) to what the kernels give for row i of x alone: each
+// output element is reduced in one fixed order that depends only on K, the
+// group size and the bit width (tests/test_batch_invariance.py).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +24,11 @@ enum class Mode : int {
   // Activations quantized to int8 per block of 32 (like llama.cpp's Q8_0),
   // integer dot products, float32 accumulation across blocks.
   Q8 = 1,
+  // Activations quantized to int16 per block of 32 (d = max|x| / 32767),
+  // integer dot products with vpmaddwd: 8-bit weights only (elsewhere the
+  // exact path). Its activation rounding is ~1/256 of Q8's, so an 8-bit model
+  // keeps the exact kernel's error at the int8 kernel's speed.
+  Q16 = 2,
 };
 
 // Storage type of scales and biases. Checkpoints store them in bf16/f16:
@@ -43,6 +53,7 @@ struct QMatmulArgs {
 // Whether `mode` has a fast path for these parameters; when it does not,
 // qmatmul silently uses the exact path.
 bool q8_supported(int K, int group_size, int bits);
+bool q16_supported(int K, int group_size, int bits);
 
 void qmatmul(const QMatmulArgs& a, Mode mode);
 

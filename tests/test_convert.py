@@ -225,4 +225,6 @@ def test_stories260k_4bit(tmp_path):
     # quantization as much as ours.  So the check is that we match mlx-lm's quantized model.
     theirs, cfg = mlx_lm_load(STORIES260K)
     theirs, _ = quantize_model(theirs, cfg, 64, 4)
-    np.testing.assert_allclose(np.array(model(mx.array([ids]))), np.array(theirs(mx.array([ids]))), atol=1e-4)
+    # 2e-4 (logits up to ~8): our attention kernel and mlx-lm's mx.fast sum in other float32
+    # orders, 1.5e-4 apart at most after 5 layers at 4 bits (1e-4 when both used mx.fast).
+    np.testing.assert_allclose(np.array(model(mx.array([ids]))), np.array(theirs(mx.array([ids]))), atol=2e-4)

@@ -74,7 +74,8 @@ def test_swiglu_on_halves_of_a_fused_projection():
     close(ext.swiglu(gate, up), nn.silu(gate) * up)
 
 
-@pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False)])
+@pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False),
+                                         (40, 48, True), (33, 33, True)])  # prefill chunks take this kernel too
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
 def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
     """k/v are slices of a larger (B, Hkv, capacity, D) buffer, as the KV cache hands them."""

@@ -4,7 +4,7 @@ Error bounds checked here:
 * mode "exact": |y - y_ref| <= 1e-5 * (|x| @ |w_hat|.T) elementwise, i.e. float32
   accumulation error relative to the sum of magnitudes, vs a float64 NumPy
   dequantization and vs mx.quantized_matmul.
-* mode "q8" (int8 activations, the default): equal to a float64 NumPy model of the
+* mode "q8" (int8 activations; the default for 2/4-bit weights): equal to a float64 NumPy model of the
   exact algorithm (x rounded to int8 per 32-block, centred weights, exact bias
   term) within the same 1e-5 bound, and within 1.5% of max|y| of the exact
   result (measured: 0.4-0.8% on Gaussian data).
@@ -109,6 +109,35 @@ def test_q8_matches_its_model_and_error_bound(bits, g):
         exact = x64 @ what.T
         rel = np.abs(y - exact).max() / np.abs(exact).max()
         assert rel < 0.015, rel
+
+
+@pytest.mark.parametrize("g", GROUPS)
+def test_q16_is_within_int16_rounding_of_exact(g):
+    """int16 activations (8-bit weights): error ~1/256 of q8's, far below the weights' own rounding."""
+    rng = np.random.default_rng(g)
+    for M, N, K in ((1, 37, 256), (6, 45, 384)):
+        assert ext.q16_supported(K, g, 8) and not ext.q16_supported(K, g, 4)
+        x, w, s, b = make_case(rng, M, N, K, 8, g)
+        q, sn, bn = dequant_np(w, s, b, 8, g, K)
+        exact = np.array(x, dtype=np.float64) @ (sn * q + bn).T
+        y = np.array(ext.quantized_matmul(x, w, s, b, group_size=g, bits=8, mode="q16"))
+        y8 = np.array(ext.quantized_matmul(x, w, s, b, group_size=g, bits=8, mode="q8"))
+        rel16 = np.abs(y - exact).max() / np.abs(exact).max()
+        rel8 = np.abs(y8 - exact).max() / np.abs(exact).max()
+        assert rel16 < 5e-5 and rel16 < rel8 / 50, (rel16, rel8)
+
+
+def test_auto_mode_picks_a_kernel_per_bit_width():
+    rng = np.random.default_rng(3)
+    with extension.using_mode("auto"):
+        assert "int16 activations for 8-bit" in extension.backend_name()
+        for bits, kernel in ((8, "q16"), (4, "q8"), (2, "q8"), (6, "exact")):
+            assert extension.kernel_for("auto", bits) == kernel
+            x, w, s, b = make_case(rng, 3, 16, 256, bits, 64)
+            np.testing.assert_array_equal(
+                np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=bits)),
+                np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=kernel)),
+            )
 
 
 @pytest.mark.parametrize("dtype", ("bfloat16", "float16"))
@@ -325,7 +354,7 @@ for bits in (3, 4, 8):
     assert not ext.q8_supported(256, 64, bits)
     half = mx.float16 if bits == 4 else mx.bfloat16  # the scalar half -> float conversions
     s, b = s.astype(half), b.astype(half)
-    for mode in ("q8", "exact"):
+    for mode in ("q8", "q16", "exact"):
         y = np.array(ext.quantized_matmul(x, w, s, b, group_size=64, bits=bits, mode=mode))
         sf, bf = s.astype(mx.float32), b.astype(mx.float32)
         ref = np.array(x, dtype=np.float64) @ np.array(mx.dequantize(w, sf, bf, group_size=64, bits=bits), dtype=np.float64).T

@@ -35,7 +35,7 @@ def _default_ids(vocab: int, bos: int | None, n: int = 24) -> list[int]:
 @click.option("--reference-dtype", type=click.Choice(list(NUMPY_DTYPES)), default="float32", show_default=True,
               help="NumPy compute dtype (float64: a high-precision oracle).")
 @click.option("--qmm", type=click.Choice(extension.MODES), default=None,
-              help="MLX quantized-matmul kernel to check [default: $MLX_LLAMA_QMM, else q8]. "
+              help="MLX quantized-matmul kernel to check [default: $MLX_LLAMA_QMM, else auto]. "
                    f"q8 (int8 activations) is approximate: quantized models then get tolerance {Q8_TOLERANCE:g}.")
 @click.option("--tolerance", type=float, default=None,
               help="Relative tolerance for logits and hidden states "
@@ -71,7 +71,7 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
     mode = qmm or extension.get_mode()
     if tolerance is None:
         tolerance = TOLERANCES[dtype]
-        if cfg.quantization and mode == "q8":
+        if cfg.quantization and mode in ("q8", "auto"):
             tolerance = max(tolerance, Q8_TOLERANCE)
     with extension.using_mode(mode):
         kernel = f", quantized matmul: {extension.backend_name()}" if cfg.quantization else ""

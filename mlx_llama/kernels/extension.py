@@ -2,11 +2,20 @@
 
 Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
 
-* ``q8`` (default): activations are quantized to int8 per block of 32 and
+* ``auto`` (default): per bit width, the fastest kernel that keeps the
+  model's error within 5% of the exact kernel's (tests/test_kernel_fidelity.py):
+  ``q16`` for 8-bit weights, ``q8`` for 2- and 4-bit weights (their own
+  rounding dwarfs the int8 activations'), ``exact`` for 3/5/6 bits.
+* ``q8``: activations are quantized to int8 per block of 32 and
   multiplied with integer dot products, like llama.cpp's Q8_0 activations
   (2/4/8-bit weights with K a multiple of 32; other bit widths use ``exact``).
   Error of an output vs the exact float32 result: about 0.5% of the largest
-  output (tests/test_qmatmul.py bounds it at 1.5%).
+  output (tests/test_qmatmul.py bounds it at 1.5%). For 8-bit weights that
+  doubles the model's error (issue 13), hence ``auto``.
+* ``q16``: activations quantized to int16 per block of 32 (8-bit weights
+  only; other bit widths use ``exact``): ~1/256 of q8's activation error at
+  q8's speed (a GEMV is memory-bound, and vpmaddwd's 16 products per
+  instruction match q8's maddubs + madd pair).
 * ``exact``: float32 activations and accumulation; agrees with
   `mx.quantized_matmul` to ~1e-6 relative.
 * ``mlx``: always use `mx.quantized_matmul` (and `mx.fast` for the fused ops).
@@ -32,12 +41,22 @@ except ImportError as e:  # not built, or built against another MLX
     _ext = None
     _import_error = str(e).splitlines()[0] if str(e) else type(e).__name__
 
-MODES = ("q8", "exact", "mlx")
+MODES = ("auto", "q8", "q16", "exact", "mlx")
+DEFAULT_MODE = "auto"
+# What `auto` runs per bit width (bit widths not named: exact).
+AUTO_KERNELS = {2: "q8", 4: "q8", 8: "q16"}
 _warned = False
 
 
+def kernel_for(mode: str, bits: int) -> str:
+    """The extension's kernel ('q8', 'q16' or 'exact') that `mode` runs for `bits`-bit weights."""
+    if mode == "auto":
+        return AUTO_KERNELS.get(bits, "exact")
+    return mode
+
+
 def _env_mode() -> str:
-    mode = os.environ.get("MLX_LLAMA_QMM", "q8").strip().lower() or "q8"
+    mode = os.environ.get("MLX_LLAMA_QMM", DEFAULT_MODE).strip().lower() or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
     return mode
@@ -70,7 +89,7 @@ def available() -> bool:
 
 
 def set_mode(mode: str | None) -> None:
-    """Pick the kernel: 'q8', 'exact' or 'mlx' (see the module docstring); None: $MLX_LLAMA_QMM again."""
+    """Pick the kernel: one of MODES (see the module docstring); None: $MLX_LLAMA_QMM again."""
     global _mode_override
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
@@ -125,8 +144,14 @@ def backend_name() -> str:
     mode = get_mode()
     if mode == "mlx":
         return "mx.quantized_matmul (MLX_LLAMA_QMM=mlx)"
-    kind = "int8 activations" if mode == "q8" else "float32 exact"
-    return f"mlx-llama {_ext.isa()} kernels, {kind}, {_ext.num_threads()} threads"
+    isa = _ext.isa()
+    if isa != "avx2":  # the integer paths are AVX2 code: everything runs exact here
+        kind = "float32 exact"
+    elif mode == "auto":
+        kind = "auto: int16 activations for 8-bit, int8 for 2/4-bit, float32 exact for other bit widths"
+    else:
+        kind = {"q8": "int8 activations", "q16": "int16 activations (8-bit weights)"}.get(mode, "float32 exact")
+    return f"mlx-llama {isa} kernels, {kind}, {_ext.num_threads()} threads"
 
 
 def reads_half_scales() -> bool:

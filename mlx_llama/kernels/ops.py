@@ -21,9 +21,6 @@ import mlx.nn as nn
 
 from mlx_llama.kernels import extension
 
-# Attention over more query rows than this goes to mx.fast's matmul-based
-# expansion (OpenBLAS), which beats the per-row kernel once there are many rows.
-ATTENTION_MAX_ROWS = 16
 
 
 def _ext() -> Any:
@@ -62,12 +59,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) ->
 
     `mask` is None, "causal" (query block aligned with the last L keys) or an
     additive/boolean array broadcastable to (B, H, L, T).
+
+    The extension's kernel takes prefill chunks too: MLX's CPU expansion of
+    mx.fast.scaled_dot_product_attention was 2.5-7x slower for 64-512 query
+    rows (4x at L=128, T=1152; 1B shape, 2 threads, paired runs: see
+    benchmarks/results/kernels-auto.md).
     """
     ext = _ext()
     if (
         ext is not None
         and q.dtype == mx.float32
-        and q.shape[1] <= ATTENTION_MAX_ROWS
         and (mask is None or (isinstance(mask, str) and mask == "causal"))
     ):
         return ext.attention(q, k, v, scale=scale, causal=mask is not None)

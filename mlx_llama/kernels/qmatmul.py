@@ -37,7 +37,9 @@ def quantized_matmul(
             wf = ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
             y = mx.matmul(x.astype(mx.float32), wf.T)
             return y.astype(x.dtype)
-        return ext.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+        return ext.quantized_matmul(
+            x, w, scales, biases, group_size=group_size, bits=bits, mode=extension.kernel_for(mode, bits)
+        )
     if scales.dtype != x.dtype:  # half-precision scales kept for our kernels (see reads_half_scales)
         scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
