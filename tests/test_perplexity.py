@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tokenizers import Tokenizer
 
 from conftest import STORIES260K
 from mlx_llama.cli.main import main
@@ -46,7 +47,10 @@ def ids_file(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("ctx,stride", [(40, 20), (16, 6), (16, 16)])
 def test_perplexity_is_exp_mean_nll_of_the_reference_logits(tiny: Path, ids_file: Path, ctx: int, stride: int) -> None:
-    """Independent of tools/perplexity: one reference forward pass per target over exactly its window's prefix."""
+    """Independent of tools/perplexity: one reference forward pass per target over exactly its window's prefix.
+
+    The ids do not start with BOS (1), so the first window's BOS replacement counts too.
+    """
     ids = ppl.read_ids(ids_file.read_text(), "ids")
     ref = load_numpy_model(tiny)
     nll = []
@@ -55,7 +59,8 @@ def test_perplexity_is_exp_mean_nll_of_the_reference_logits(tiny: Path, ids_file
         begin = next(b for b in range(0, t + 1, stride) if b + ctx > t)
         if begin == t:  # non-overlapping windows: a window's first token has no context there
             continue
-        z = ref(np.asarray([ids[begin:t]]), ref.make_cache())[0, -1].astype(np.float64)
+        window = [ref.config.bos_token_id] + ids[begin + 1 : t]  # each window starts with BOS
+        z = ref(np.asarray([window]), ref.make_cache())[0, -1].astype(np.float64)
         nll.append(np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[ids[t]])
     expected = math.exp(float(np.mean(nll)))
     for backend in ("numpy", "mlx"):
@@ -75,22 +80,25 @@ def test_windows_score_every_token_once() -> None:
         assert all(w.end - w.begin <= ctx for w in ppl.windows(n, ctx, stride))
 
 
-@pytest.mark.parametrize("backend", ["mlx", "numpy"])
-def test_kl_of_a_model_against_itself_is_zero(tiny: Path, ids_file: Path, backend: str) -> None:
-    result = run("-m", tiny, "--ids", ids_file, "--ctx", 16, "--base", tiny, "--backend", backend, "--json")
+def test_kl_of_a_model_against_itself_is_zero(tiny: Path, ids_file: Path) -> None:
+    result = run("-m", tiny, "--ids", ids_file, "--ctx", 16, "--base", tiny, "--json")
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output)
     assert figures["kl_mean"] == 0.0 and figures["kl_max"] == 0.0
     assert figures["top1_agreement"] == 1.0 and figures["delta_perplexity"] == 0.0
+    table = run("-m", tiny, "--ids", ids_file, "--ctx", 16, "--base", tiny, "--backend", "numpy").output
+    assert "mean KL(base || model)  0.000000 ± 0.000000" in table and "top-1 agreement         100.00%" in table
 
 
-def test_text_file_and_summary_table(tiny_chat_model: Path, tmp_path: Path) -> None:
+def test_text_file_is_tokenized_with_bos(tiny_chat_model: Path, tmp_path: Path) -> None:
     text = tmp_path / "story.txt"
-    text.write_text("Once upon a time there was a little robot who liked to count the stars. " * 4)
-    result = run("-m", tiny_chat_model, "-f", text, "--ctx", 16, "--base", tiny_chat_model)
+    text.write_text("Once upon a time there was a little robot who liked to count the stars. " * 3)
+    result = run("-m", tiny_chat_model, "-f", text, "--ctx", 32, "--stride", 32, "--json")
     assert result.exit_code == 0, result.output
-    for row in ("perplexity", "mean KL(base || model)", "top-1 agreement", "Δ perplexity"):
-        assert row in result.output
+    figures = json.loads(result.output)
+    words = Tokenizer.from_file(str(tiny_chat_model / "tokenizer.json")).encode(text.read_text(), add_special_tokens=False)
+    assert figures["tokens"] == 1 + len(words.ids)  # BOS, then the text
+    assert figures["scored_tokens"] == figures["tokens"] - 2  # two windows of 32: neither first token
 
 
 def test_bad_inputs_give_one_line_errors(tiny: Path, tiny_chat_model: Path, ids_file: Path, tmp_path: Path) -> None:
