@@ -8,8 +8,6 @@ default kernel with the reference directly, at that bound.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import numpy as np
 
