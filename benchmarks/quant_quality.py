@@ -83,14 +83,32 @@ def quantized(source: Path, work: Path, name: str, bits: int, group_size: int) -
     return out
 
 
+class RunOnce:
+    """The float base model, run once per window: every recipe and kernel mode is compared with the same logits."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.config, self.xp = model, model.config, model.xp
+        self._logits: dict[bytes, Any] = {}
+
+    def make_cache(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.make_cache(*args, **kwargs)
+
+    def __call__(self, tokens: Any, cache: Any = None, **kwargs: Any) -> Any:
+        key = np.asarray(tokens).tobytes()
+        if key not in self._logits:
+            self._logits[key] = self.model(tokens, cache, **kwargs)
+        return self._logits[key]
+
+
 def mode_override(mode: str) -> str | None:
     return None if mode == "default" else mode
 
 
-def quality(model_dir: Path, base: Any, ids: list[int], ctx: int, stride: int) -> dict[str, dict[str, Any]]:
+def quality(model_dir: Path, base: Any, ids: list[int], ctx: int, stride: int,
+            modes: list[str]) -> dict[str, dict[str, Any]]:
     model = load_model(model_dir, "float32")
     out = {}
-    for mode in MODES:
+    for mode in modes:
         with extension.using_mode(mode_override(mode)):
             kernel = extension.backend_name()
             figures = ppl.summary(ppl.score(model, ids, ctx, stride, base=base))
@@ -127,12 +145,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"- {name}: {how}; float perplexity {meta['float_ppl'][name]:.3f}")
     lines += [
         "",
-        "| model | bits | group | kernel | KL vs float | top-1 | Δ ppl | prefill tok/s | decode tok/s | pp ÷ exact | tg ÷ exact |",
+        "| model | bits | group | kernel mode | KL vs float | top-1 | Δ ppl | prefill tok/s | decode tok/s | pp ÷ exact | tg ÷ exact |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         speed = r.get("speed")
-        cells = [r["model"], str(r["bits"]), str(r["group_size"]), f"{r['mode']} ({r['kernel_short']})",
+        cells = [r["model"], str(r["bits"]), str(r["group_size"]), r["mode"],
                  f"{r['kl_mean']:.5f}", f"{100 * r['top1_agreement']:.2f}%",
                  f"{100 * (r['perplexity_ratio'] - 1):+.2f}%"]
         if speed:
@@ -141,15 +159,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         else:
             cells += ["", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Kernels (`mlx-llama info` wording):", ""]
+    lines += ["", "What each mode ran (`mlx-llama info` wording):", ""]
     lines += [f"- {mode}: {kernel}" for mode, kernel in meta["kernels"].items()]
     return "\n".join(lines) + "\n"
-
-
-def short_kernel(kernel: str) -> str:
-    """The activation format out of extension.backend_name()'s sentence."""
-    parts = [p.strip() for p in kernel.split(",")]
-    return parts[1] if len(parts) > 2 and parts[0].startswith("mlx-llama") else kernel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-g", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--modes", default=",".join(MODES), help="kernel modes (default: no MLX_LLAMA_QMM)")
     ap.add_argument("--no-bench", action="store_true", help="quality only")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "quant_quality")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    if "exact" not in modes:
+        raise SystemExit("--modes must include exact (the speed ratios' reference)")
     configs = [(int(b), int(g)) for b in args.bits.split(",") for g in args.group_sizes.split(",")]
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python", *sys.argv]),
@@ -182,21 +198,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         source = float_source(name, args.work)
         ids, how = token_ids(name, source, args.tokens)
+        ids_file = args.work / name / "ids.txt"  # for `mlx-llama perplexity --ids` on the same tokens
+        ids_file.parent.mkdir(parents=True, exist_ok=True)
+        ids_file.write_text(" ".join(map(str, ids)) + "\n")
         meta["token_source"][name] = how
-        base = load_model(source, "float32")
+        base = RunOnce(load_model(source, "float32"))
         meta["float_ppl"][name] = ppl.summary(ppl.score(base, ids, args.ctx, args.stride))["perplexity"]
         for bits, gs in configs:
             dirs[name, bits, gs] = q = quantized(source, args.work, name, bits, gs)
-            for mode, figures in quality(q, base, ids, args.ctx, args.stride).items():
+            for mode, figures in quality(q, base, ids, args.ctx, args.stride, modes).items():
                 meta["kernels"].setdefault(f"{mode}, {bits}-bit", figures["kernel"])
-                rows.append({"model": name, "bits": bits, "group_size": gs, "mode": mode,
-                             "kernel_short": short_kernel(figures["kernel"]), **figures})
+                rows.append({"model": name, "bits": bits, "group_size": gs, "mode": mode, **figures})
         del base
     if not args.no_bench:
         runs: dict[tuple[str, int, int, str], list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
             for key, q in dirs.items():
-                for mode in MODES:
+                for mode in modes:
                     log(f"round {rnd + 1}: bench {q.parent.name}/{q.name} {mode}")
                     runs.setdefault((*key, mode), []).append(bench(q, mode, args.n_prompt, args.n_gen,
                                                                    args.repetitions))
