@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "Generate text from a prompt, or answer every line of a prompts file."),
     "chat": ("mlx_llama.cli.chat:chat_command", "Chat with a model; the KV cache is kept between turns."),
     "check": ("mlx_llama.cli.check:check_command", "Compare the MLX model with the NumPy reference."),
+    "perplexity": ("mlx_llama.cli.perplexity:perplexity_command",
+                   "Perplexity over a file; with --base, KL divergence and top-1 agreement vs a base model."),
     "bench": ("mlx_llama.cli.bench:bench_command", "Measure prefill (pp) and decode (tg) tok/s, llama-bench style."),
     "info": ("mlx_llama.cli.info:info_command", "Show versions, device, BLAS, quantized-matmul kernel, CPU."),
     "demo": ("mlx_llama.cli.demo:demo_command",
