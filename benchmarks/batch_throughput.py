@@ -95,8 +95,8 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
     engine = Engine(model, EngineConfig(max_batch=B, prefill_chunk=chunk, prefill_tokens_per_step=chunk))
     ids = lambda n: list(map(int, rng.integers(0, 128000, n)))  # noqa: E731
     for _ in range(B - 1):
-        engine.submit(GenerationRequest(ids(16), 10_000))
-    while engine.running < B - 1 or any(s.prefilling for s in engine._running):  # noqa: SLF001 (benchmark probe)
+        engine.submit(GenerationRequest(ids(16), 64))
+    for _ in range(B - 1):  # with chunks of >= 16, one prompt a step: then all B - 1 stream
         engine.step()
 
     def timed(n: int) -> list[float]:
@@ -116,7 +116,7 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
 
 def run_engine(name: str, weights: Path, args: argparse.Namespace, gap: bool) -> dict[str, Any]:
     spec = dict(name=name, weights=str(weights), n_prompt=args.n_prompt, n_gen=args.n_gen, seed=args.seed,
-                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0, gap_prompt=args.n_prompt)
+                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0, gap_prompt=2 * args.chunk)
     r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
