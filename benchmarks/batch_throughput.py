@@ -136,17 +136,14 @@ def find_llama_cpp(option: str | None) -> Path | None:
 
 
 def gguf(hf: Path, work: Path, kind: str, bin_dir: Path, threads: int) -> Path:
-    """GGUF `kind`: F16 written by throughput.py's writer, quantized by llama-quantize."""
+    """GGUF `kind` (q4_0, q8_0): throughput.py's F16 GGUF, quantized by the llama-quantize tool
+    (throughput.py quantizes through llama-cpp-python, which the tool's folder does not need)."""
     out = work / f"model-{kind}.gguf"
-    if out.exists():
-        return out
-    f16 = work / "model-f16.gguf"
-    if not f16.exists():
-        log(f"writing {f16}")
-        throughput.write_gguf_f16(hf, f16)
-    log(f"quantizing → {out.name}")
-    subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), kind.upper(), str(threads)],
-                   check=True, capture_output=True, env=_lib_env(bin_dir))
+    if not out.exists():
+        f16 = throughput.prepare_gguf_f16(hf, work)
+        log(f"quantizing → {out.name}")
+        subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), kind.upper(), str(threads)],
+                       check=True, capture_output=True, env=_lib_env(bin_dir))
     return out
 
 
