@@ -158,6 +158,8 @@ def run_llama_cpp(model: Path, bin_dir: Path, args: argparse.Namespace) -> dict[
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(ctx), "-b", "2048", "-ub", "512",
            "-npp", str(args.n_prompt), "-ntg", str(args.n_gen), "-npl", ",".join(map(str, args.batch_sizes)),
            "-t", str(args.threads), "--output-format", "jsonl"]
+    if args.llama_cpp_poll is not None:
+        cmd += ["--poll", str(args.llama_cpp_poll)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_lib_env(bin_dir))
     if r.returncode != 0:
         raise RuntimeError(f"llama-batched-bench failed:\n{r.stderr[-3000:]}")
@@ -226,7 +228,8 @@ def markdown(result: dict[str, Any]) -> str:
     a = result["args"]
     lines = [f"# Batched decode, {a['preset']} random weights, p{a['n_prompt']} g{a['n_gen']}, "
              f"{a['threads']} threads, {result['rounds']} interleaved round(s)", "",
-             f"Command: `{result['command']}`", "", f"Machine: {result['machine']}", ""]
+             f"Command: `{result['command']}`", "", f"Machine: {result['machine']}", "",
+             f"llama.cpp --poll: {a['llama_cpp_poll'] if a['llama_cpp_poll'] is not None else 'its default (50)'}", ""]
     for bits in a["bits"]:
         ours = result["peers"].get(f"mlx-llama-q{bits}")
         if not ours:
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--peers", default="mlx-llama,llamacpp", help="from mlx-llama, llamacpp, mlx-lm")
     ap.add_argument("--llama-cpp-bin", help="folder holding llama-batched-bench and llama-quantize")
+    ap.add_argument("--llama-cpp-poll", type=int, default=None,
+                    help="llama.cpp's --poll (0: its threads sleep instead of spinning; fairer on a busy machine)")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "batch")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=0)
@@ -314,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                   machine=f"{throughput._cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end",
                   rounds=args.rounds, peers={name: median_runs(r) for name, r in runs.items()})
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"batch-throughput-{args.preset}"
+    poll = "" if args.llama_cpp_poll is None else f"-poll{args.llama_cpp_poll}"
+    stem = args.out / f"batch-throughput-{args.preset}{poll}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     stem.with_suffix(".md").write_text(md)
