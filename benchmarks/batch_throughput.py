@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         log("llama-batched-bench not found (--llama-cpp-bin, $LLAMA_CPP_BIN, PATH): llama.cpp skipped")
     ggufs = {bits: gguf(hf, args.work, f"q{bits}_0", bin_dir, args.threads) for bits in args.bits} if bin_dir else {}
     runs: dict[str, list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()[0]
     for rnd in range(args.rounds):
         for bits in args.bits:
             if "mlx-llama" in peers:
@@ -316,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                         if not k.startswith("_")},
                   command="python benchmarks/batch_throughput.py " + " ".join(argv or sys.argv[1:]),
-                  machine=f"{throughput._cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end",
+                  machine=f"{throughput._cpu_name()}, {os.cpu_count()} cores, load average {load_before:.1f} "
+                          f"at the start, {os.getloadavg()[0]:.1f} at the end",
                   rounds=args.rounds, peers={name: median_runs(r) for name, r in runs.items()})
     args.out.mkdir(parents=True, exist_ok=True)
     poll = "" if args.llama_cpp_poll is None else f"-poll{args.llama_cpp_poll}"
-    stem = args.out / f"batch-throughput-{args.preset}{poll}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"batch-throughput-{args.preset}{poll}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
