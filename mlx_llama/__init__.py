@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_model": "mlx_llama.loader",
     "generate_tokens": "mlx_llama.generation.loop",
     "GenerationStats": "mlx_llama.generation.loop",
+    "batch_generate": "mlx_llama.generation.batch",
     "Sampler": "mlx_llama.generation.sampler",
     "SamplingParams": "mlx_llama.generation.sampler",
     "stream_text": "mlx_llama.generation.text",

@@ -69,6 +69,7 @@ def extension() -> str:
 def collect() -> dict[str, Any]:
     import mlx.core as mx
 
+    from mlx_llama.generation import invariance
     from mlx_llama.kernels import blas
     from mlx_llama.tools.bench import qmatmul_backend
 
@@ -89,6 +90,7 @@ def collect() -> dict[str, Any]:
                  "rebound_symbols": len(b.symbols), "verified": blas.verify(), "loaded_libraries": blas_libraries()},
         "extension": extension(),
         "quantized_matmul": qmatmul_backend(),
+        "batch_invariance": invariance.describe(),
         "cpu": cpu_info(),
         "env": env,
         "distributed": distributed_info(),
@@ -123,6 +125,7 @@ def info_command(as_json: bool) -> None:
         click.echo(f"  loaded: {lib}")
     click.echo(f"C++ extension (CPU kernels): {data['extension']}")
     click.echo(f"quantized matmul: {data['quantized_matmul']}")
+    click.echo(f"batch-invariant rows (batched engine): {data['batch_invariance']}")
     c = data["cpu"]
     click.echo(f"CPU: {c['model']} ({c['machine']}), {c['usable_cores']} of {c['cores']} cores usable")
     click.echo(f"ISA: {' '.join(c['isa']) or '?'}")
