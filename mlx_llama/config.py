@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import read_text
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -87,11 +88,10 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
+        text = read_text(path)
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MlxLlamaError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
             raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise MlxLlamaError(f"{path} must hold a JSON object")
@@ -155,9 +155,10 @@ def read_optional_json(path: Path) -> dict[str, Any]:
     """A side file such as generation_config.json: {} when absent, a clear error when malformed."""
     if not path.is_file():
         return {}
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise MlxLlamaError(f"{path} must hold a JSON object")

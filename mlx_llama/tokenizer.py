@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from mlx_llama.llama3_template import LLAMA3_CHAT_TEMPLATE
 from mlx_llama.config import ModelConfig, read_optional_json, token_ids
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable
 from mlx_llama.interfaces import Message
 
 
@@ -83,6 +84,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             return None
+        check_readable(path)
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type

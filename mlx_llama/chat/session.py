@@ -137,6 +137,15 @@ class ChatSession:
         self._unstarted = None
         self.messages = self.messages[:1] if self.system is not None else []
         self._in_sync = False
+        # Keep only the cached system prompt, so the cache size reports the new conversation.
+        prefix = self._render_ids(self.messages, False) if self.messages else []
+        p = prompt_cache.common_prefix(self.cached_ids, prefix)
+        if prompt_cache.rollback(self.cache, len(self.cached_ids) - p):
+            del self.cached_ids[p:]
+        else:  # a rotating cache that evicted cannot roll back
+            self._new_cache()
+        if self.first_prompt_len is not None and self.first_prompt_len > len(self.cached_ids):
+            self.first_prompt_len = None
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt, keeping the conversation; the cache follows at the next turn."""
@@ -189,26 +198,31 @@ class ChatSession:
     # ---- a turn -------------------------------------------------------------------
 
     def _fit_context(self) -> None:
-        """Growing cache: drop the oldest turns until the prompt and room for an answer fit."""
+        """Growing cache: drop the oldest turns until the prompt and room for an answer fit.
+
+        Decided on a copy first: a message that cannot fit even alone is refused
+        with the conversation untouched.
+        """
         if self.rotating:
             return
         limit = self.context_limit
         reserve = min(self.max_tokens, limit // 2)
         first = 1 if self.system is not None else 0
-        dropped = 0
-        n = len(self._render_ids(self.messages))
+        kept = list(self.messages)
+        n = len(self._render_ids(kept))
         while n + reserve > limit:
-            users = [i for i in range(first + 1, len(self.messages)) if self.messages[i]["role"] == "user"]
+            users = [i for i in range(first + 1, len(kept)) if kept[i]["role"] == "user"]
             if not users:
                 break
-            dropped += users[0] - first
-            del self.messages[first : users[0]]
-            n = len(self._render_ids(self.messages))
+            del kept[first : users[0]]
+            n = len(self._render_ids(kept))
         if n >= limit:
             raise MlxLlamaError(
                 f"the message does not fit: the prompt would take {n} tokens, the model's context is {limit}"
             )
+        dropped = len(self.messages) - len(kept)
         if dropped:
+            self.messages = kept
             self._in_sync = False
             self.notify(f"[context full: dropped the {dropped} oldest messages, {n} tokens kept]")
 

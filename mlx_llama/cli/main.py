@@ -12,6 +12,7 @@ import sys
 import click
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.kernels import blas
 
 # name → (module:attribute, the one-line help `mlx-llama --help` shows)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,7 +47,11 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
+            blas.check_env()
             return super().invoke(ctx)
+        except click.UsageError as e:
+            e.ctx = None  # one line, "Error: ...", without the usage block (exit status 2 stays)
+            raise
         except MlxLlamaError as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         except KeyboardInterrupt:

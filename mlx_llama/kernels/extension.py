@@ -24,6 +24,8 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
+from mlx_llama.errors import MlxLlamaError
+
 try:  # mlx.core is imported first: the extension links against libmlx.
     from mlx_llama import _qmm_ext as _ext
 
@@ -39,7 +41,7 @@ _warned = False
 def _env_mode() -> str:
     mode = os.environ.get("MLX_LLAMA_QMM", "q8").strip().lower() or "q8"
     if mode not in MODES:
-        raise ValueError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
+        raise MlxLlamaError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
     return mode
 
 
