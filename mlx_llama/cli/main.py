@@ -54,6 +54,10 @@ class _Group(click.Group):
             raise
         except MlxLlamaError as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except OSError as e:  # the file system refused something a check did not foresee (name too long, ...)
+            name = str(e.filename) if e.filename is not None else ""
+            name = name if len(name) <= 80 else name[:77] + "..."
+            raise click.ClickException(f"{name + ': ' if name else ''}{e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
