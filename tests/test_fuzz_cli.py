@@ -319,6 +319,7 @@ def _corrupt_safetensors(draw: st.DrawFn, path: Path) -> None:
 def broken_model(draw: st.DrawFn, world: World, source: Path) -> Path:
     """A copy of `source` with one or two of its files broken (in the user's home, so hashed too)."""
     out = world.home / "broken"
+    shutil.rmtree(out, ignore_errors=True)  # left by an example that failed while it was drawn
     shutil.copytree(source, out)
     files = sorted(p.name for p in out.iterdir())
     for name in draw(st.lists(st.sampled_from(files), min_size=1, max_size=2, unique=True)):

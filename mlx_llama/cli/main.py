@@ -58,6 +58,8 @@ class _Group(click.Group):
             name = str(e.filename) if e.filename is not None else ""
             name = name if len(name) <= 80 else name[:77] + "..."
             raise click.ClickException(f"{name + ': ' if name else ''}{e.strerror or e}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory: the model (or its context) does not fit in RAM") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
