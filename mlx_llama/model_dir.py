@@ -27,8 +27,7 @@ class ModelDir:
     def open(cls, path: str | Path) -> "ModelDir":
         p = Path(path).expanduser()
         if p.is_file():
-            folder = str(p.parent) if str(p.parent) != "." else "."
-            raise MlxLlamaError(f"{str(path)!r} is a file; pass the model folder that holds it ({folder})")
+            raise MlxLlamaError(f"{str(path)!r} is a file; pass the model folder that holds it ({p.parent})")
         if not p.is_dir():
             hint = ""
             if looks_like_repo_id(str(path)):

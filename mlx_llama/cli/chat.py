@@ -170,7 +170,8 @@ def _scripted(session: ChatSession, lines: Iterator[str], jsonl: bool, after_tur
     """Each input line is one user turn (or a /command); only answers go to stdout."""
     out = sys.stdout
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    def more() -> str | None:
+
+    def more() -> str | None:  # the next line of a multi-line message
         nxt = next(lines, None)
         return None if nxt is None else nxt.rstrip("\r\n")
 

@@ -43,10 +43,6 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-# Largest seed: numpy's generators take any non-negative int, but the value is also
-# written to JSON and compared by peers, so keep it to 64 bits.
-MAX_SEED = 2**64 - 1
-
 # --max-kv-size, --keep, --prefill-step-size: how the KV cache is built and filled.
 cache_options = _stack(
     click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
@@ -72,7 +68,8 @@ sampling_options = _stack(
     click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True),
     click.option("--repetition-context-size", type=click.IntRange(min=1), default=20, show_default=True,
                  help="How many recent tokens the repetition penalty looks at."),
-    click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Seed for reproducible sampling."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Seed for reproducible sampling (any non-negative integer: NumPy's generator takes them all)."),
     cache_options,
 )
 
