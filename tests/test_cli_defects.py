@@ -258,3 +258,24 @@ def test_ctrl_c_exits_130(make_checkpoint, monkeypatch):
 
     monkeypatch.setattr(generate, "load_backend", interrupted)
     assert run("generate", "-m", str(make_checkpoint()), "--prompt-ids", "1").exit_code == 130
+
+
+def test_repl_multiline_message_is_one_turn(tiny_chat_model, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_llama", "chat", "-m", str(tiny_chat_model), "-n", "2"],
+                          encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child.expect_exact(">>> ")
+    child.sendline('"""first line')
+    child.expect_exact("... ")
+    child.sendline('second line"""')
+    child.expect_exact(">>> ")
+    child.sendline("third \\")
+    child.expect_exact("... ")
+    child.sendline("fourth")
+    child.expect_exact(">>> ")
+    child.sendline(f"/save {tmp_path / 'conv.json'}")
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    users = [m["content"] for m in json.loads((tmp_path / "conv.json").read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first line\nsecond line", "third \nfourth"]
