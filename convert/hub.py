@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.model_dir import looks_like_repo_id
 
 # Only what a conversion reads; never pickles, never code.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.jinja"]
 # Meta's repos keep their own (pickle) format under original/.
 IGNORE_PATTERNS = ["original/*"]
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
-
-
-def looks_like_repo_id(source: str) -> bool:
-    return bool(_REPO_ID.match(source)) and ".." not in source
-
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import read_error
 
 # safetensors dtype code -> (numpy storage dtype, mlx dtype); bfloat16 is stored as uint16.
 FLOAT_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
@@ -69,7 +70,7 @@ def read_header(path: Path) -> dict[str, TensorRef]:
                 )
             raw = f.read(n)
     except OSError as e:
-        raise MlxLlamaError(f"cannot read {name}: {e.strerror or e}") from None
+        raise read_error(name, e) from None
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):

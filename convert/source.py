@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from mlx_llama.config import ModelConfig
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable, read_text
 from . import hub
 from .layout import expected_tensors, is_ignorable
 from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, INDEX, TensorRef, read_header
@@ -36,6 +37,10 @@ def source_name(source: str) -> str:
         raise MlxLlamaError(f"{source} is a file; SOURCE must be a model directory or a hub repo id")
     if not hub.looks_like_repo_id(source):
         raise MlxLlamaError(f"{source!r} is neither a directory nor a Hugging Face repo id like org/name")
+    if p.parent.is_dir():
+        # org/name where ./org is a local folder: almost surely a mistyped path, not a hub repo
+        raise MlxLlamaError(f"no directory {source}: the folder {p.parent} exists but holds no {p.name!r} "
+                            "(to fetch the hub repo of that name, run from another folder)")
     return source.split("/")[-1]
 
 
@@ -57,11 +62,13 @@ def open_source(source: str, revision: str | None = None, log: Callable[[str], N
 
 def validate(path: Path, name: str | None = None) -> Source:
     """Read config and every shard header; refuse anything a LLaMA conversion cannot use."""
+    check_readable(path)
     if not (path / "config.json").is_file():
         raise MlxLlamaError(f"{path} has no config.json: not a Hugging Face model directory")
+    text = read_text(path / "config.json")
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
         raise MlxLlamaError(f"{path / 'config.json'} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise MlxLlamaError(f"{path / 'config.json'} must hold a JSON object")
@@ -100,10 +107,11 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """The shard files to read and the index's tensor -> file map (empty without an index)."""
     index = path / INDEX
     if index.is_file():
+        text = read_text(index)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(text)["weight_map"]
             names = set(weight_map.values())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise MlxLlamaError(f"{INDEX} is malformed: it needs a weight_map of tensor -> file") from None
         for n in names:
             if not _plain_name(n):

@@ -8,11 +8,13 @@ transformers 5 writes `rope_parameters`. Both are normalised here to one
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import read_text
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -49,16 +51,15 @@ class ModelConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise MlxLlamaError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) is supported")
-        try:
-            hidden = int(raw["hidden_size"])
-            n_heads = int(raw["num_attention_heads"])
-            n_kv = int(raw.get("num_key_value_heads") or n_heads)
-            head_dim = int(raw.get("head_dim") or hidden // n_heads)
-            layers = int(raw["num_hidden_layers"])
-            inter = int(raw["intermediate_size"])
-            vocab = int(raw["vocab_size"])
-        except KeyError as e:
-            raise MlxLlamaError(f"config.json lacks required key {e.args[0]!r}") from None
+        hidden = _count(raw, "hidden_size")
+        n_heads = _count(raw, "num_attention_heads")
+        n_kv = _count(raw, "num_key_value_heads", n_heads)
+        head_dim = _count(raw, "head_dim", hidden // n_heads or None)
+        layers = _count(raw, "num_hidden_layers")
+        inter = _count(raw, "intermediate_size")
+        vocab = _count(raw, "vocab_size")
+        if n_heads * head_dim > _MAX_COUNT:
+            raise MlxLlamaError(f"config.json: num_attention_heads × head_dim ({n_heads} × {head_dim}) is too large")
         if n_heads % n_kv:
             raise MlxLlamaError(
                 f"num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv})"
@@ -73,25 +74,24 @@ class ModelConfig:
             num_key_value_heads=n_kv,
             head_dim=head_dim,
             vocab_size=vocab,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=_number(raw, "rms_norm_eps", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings") or 8192),
+            max_position_embeddings=_count(raw, "max_position_embeddings", 8192),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
+            bos_token_id=(token_ids(raw.get("bos_token_id")) or [None])[0],
             eos_token_id=eos_ids,
-            quantization=raw.get("quantization"),
+            quantization=_quantization(raw.get("quantization")),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
+        text = read_text(path)
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MlxLlamaError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
             raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise MlxLlamaError(f"{path} must hold a JSON object")
@@ -144,20 +144,60 @@ class ModelConfig:
         return {"group_size": int(q["group_size"]), "bits": int(q["bits"])}
 
 
+# Larger sizes would overflow MLX's int32 shapes: only a corrupt config.json holds them.
+_MAX_COUNT = 2**31 - 1
+
+
+def _count(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive integer field of config.json (`default` when absent or null)."""
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise MlxLlamaError(f"config.json lacks required key {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_COUNT:
+        raise MlxLlamaError(f"config.json: {key} must be a positive integer, not {value!r}")
+    return value
+
+
+def _number(raw: dict[str, Any], key: str, default: float) -> float:
+    """A positive finite number field of config.json."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise MlxLlamaError(f"config.json: {key} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _quantization(q: Any) -> dict[str, Any] | None:
+    """mlx-lm's quantization block: group_size and bits for all layers, optional per-layer overrides."""
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise MlxLlamaError(f"config.json: quantization must be an object, not {q!r}")
+    for block in [q] + [v for v in q.values() if isinstance(v, dict)]:
+        _count(block, "group_size")
+        _count(block, "bits")
+    return q
+
+
 def token_ids(value: Any) -> list[int]:
     """An `eos_token_id`-style field: absent, one id, or a list of ids."""
     if value is None:
         return []
-    return [int(e) for e in (value if isinstance(value, list) else [value])]
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise MlxLlamaError(f"token ids must be non-negative integers, not {value!r}")
+    return ids
 
 
 def read_optional_json(path: Path) -> dict[str, Any]:
     """A side file such as generation_config.json: {} when absent, a clear error when malformed."""
     if not path.is_file():
         return {}
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise MlxLlamaError(f"{path} must hold a JSON object")
@@ -168,13 +208,15 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
         # transformers 5: one dict carries theta and the scaling parameters.
-        theta = float(params["rope_theta"])
+        theta = _number(params, "rope_theta", 10000.0)
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(raw.get("rope_theta", 10000.0))
+        theta = _number(raw, "rope_theta", 10000.0)
         scaling = raw.get("rope_scaling")
     if not scaling:
         return theta, None
+    if not isinstance(scaling, dict):
+        raise MlxLlamaError(f"config.json: rope_scaling must be an object, not {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise MlxLlamaError(
@@ -182,16 +224,16 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         )
     if rope_type == "default":
         return theta, None
-    try:
-        scaling = {
-            "rope_type": "llama3",
-            "factor": float(scaling["factor"]),
-            "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
-            "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
-            "original_max_position_embeddings": int(
-                scaling.get("original_max_position_embeddings", 8192)
-            ),
-        }
-    except KeyError as e:
-        raise MlxLlamaError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
+    if "factor" not in scaling:
+        raise MlxLlamaError("llama3 rope scaling lacks 'factor'")
+    low, high = _number(scaling, "low_freq_factor", 1.0), _number(scaling, "high_freq_factor", 4.0)
+    if low == high:
+        raise MlxLlamaError("llama3 rope scaling: low_freq_factor and high_freq_factor must differ")
+    scaling = {
+        "rope_type": "llama3",
+        "factor": _number(scaling, "factor", 1.0),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": _count(scaling, "original_max_position_embeddings", 8192),
+    }
     return theta, scaling

@@ -12,6 +12,7 @@ from mlx_llama.kernels import extension, qmatmul
 from mlx_llama.config import ModelConfig
 from mlx_llama.model_dir import IGNORED_TENSOR_SUFFIXES, ModelDir
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable
 from mlx_llama.model.fuse_weights import fuse_projections
 from mlx_llama.model.llama import Model
 from mlx_llama.model.quantized import quantize, require_affine
@@ -32,6 +33,7 @@ def default_dtype() -> str:
 def read_weights(model_dir: ModelDir) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in model_dir.weight_files():
+        check_readable(f)  # MLX's own message for a refused open does not say why
         try:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError, OSError) as e:

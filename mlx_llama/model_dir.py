@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -9,9 +10,11 @@ from typing import Any, Mapping
 
 from mlx_llama.config import ModelConfig, read_optional_json
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable
 
 # Tensors some checkpoints carry that the model derives itself.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,14 @@ class ModelDir:
     @classmethod
     def open(cls, path: str | Path) -> "ModelDir":
         p = Path(path).expanduser()
+        if p.is_file():
+            raise MlxLlamaError(f"{str(path)!r} is a file; pass the model folder that holds it ({p.parent})")
         if not p.is_dir():
-            raise MlxLlamaError(f"model directory {str(path)!r} not found")
+            hint = ""
+            if looks_like_repo_id(str(path)):
+                hint = f"; to run the hub repo {path}, convert it first: mlx-llama convert {path} -o DIR"
+            raise MlxLlamaError(f"model directory {str(path)!r} not found{hint}")
+        check_readable(p)
         if not (p / "config.json").is_file():
             raise MlxLlamaError(f"{p} has no config.json: not a model directory")
         generation = MappingProxyType(read_optional_json(p / "generation_config.json"))
@@ -32,6 +41,11 @@ class ModelDir:
 
     def weight_files(self) -> list[Path]:
         return weight_files(self.path)
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """`org/name`, as on the Hugging Face hub (also what `mlx-llama convert` accepts)."""
+    return bool(_REPO_ID.match(source)) and ".." not in source
 
 
 def weight_files(model_dir: Path) -> list[Path]:

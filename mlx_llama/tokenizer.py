@@ -14,26 +14,29 @@ from tokenizers import Tokenizer as HFTokenizer
 from mlx_llama.llama3_template import LLAMA3_CHAT_TEMPLATE
 from mlx_llama.config import ModelConfig, read_optional_json, token_ids
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable, read_text
 from mlx_llama.interfaces import Message
 
 
 def _token_text(value: Any) -> str | None:
     """tokenizer_config stores special tokens as strings or as {"content": ...} dicts."""
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def _read_chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
     # transformers >= 4.43 writes chat_template.jinja; older ones chat_template.json or the config.
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return read_text(jinja)
     template = read_optional_json(model_dir / "chat_template.json").get("chat_template")
     template = template or tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
-        named = {t.get("name"): t.get("template") for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise MlxLlamaError(f"{model_dir}: the chat template must be a string, not {type(template).__name__}")
     return template
 
 
@@ -83,6 +86,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             return None
+        check_readable(path)
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type

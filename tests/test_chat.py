@@ -237,9 +237,11 @@ def test_prompt_cache_reuses_prefix_and_rejects_other_models(tiny_chat_model, ma
     assert "prompt cache ignored" in err and "different model" in err
     assert third[0]["prompt_tokens"] == len(full)
 
+    # A file that is not a prompt cache is the user's: refused, never overwritten.
     pc.write_bytes(b"garbage")
-    fourth, err = chat(tiny_chat_model, ["what now"], *args)
-    assert "prompt cache ignored" in err and fourth[0]["prompt_tokens"] == len(full)
+    result = CliRunner().invoke(main, ["chat", "-m", str(tiny_chat_model), "--jsonl", *args], input="what now\n")
+    assert result.exit_code == 1 and "not an mlx-llama prompt cache" in result.output
+    assert pc.read_bytes() == b"garbage"
 
 
 # ---- a real terminal ---------------------------------------------------------------------

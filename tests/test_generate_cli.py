@@ -85,8 +85,8 @@ def test_prompt_longer_than_context(make_checkpoint):
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--temp", "-1"], "temperature"),
-    (["--top-p", "0"], "top-p"),
+    (["--temp", "-1"], "--temp"),
+    (["--top-p", "0"], "--top-p"),
     (["--max-kv-size", "4", "--keep", "4"], "keep"),
 ])
 def test_bad_sampling_flags(make_checkpoint, flags, fragment):

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_llama.errors import MlxLlamaError
 from mlx_llama.kernels import extension, qmatmul
 
 ext = pytest.importorskip("mlx_llama._qmm_ext", reason="C++ extension not built")
@@ -334,7 +335,7 @@ def test_mode_from_environment_at_call_time(monkeypatch):
     np.testing.assert_array_equal(np.array(qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)), exact)
     assert "float32 exact" in extension.backend_name()
     monkeypatch.setenv("MLX_LLAMA_QMM", "bogus")
-    with pytest.raises(ValueError):
+    with pytest.raises(MlxLlamaError, match="MLX_LLAMA_QMM"):  # a user error: one line from the CLI
         qmatmul.quantized_matmul(x, w, s, b, group_size=64, bits=4)
 
 

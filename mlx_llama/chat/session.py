@@ -57,6 +57,15 @@ def validate_messages(data: Any, source: str = "conversation") -> list[Message]:
     return out
 
 
+def _holds_conversation(path: Path) -> bool:
+    """Whether `path` is a conversation file (what /save writes), which saving again may replace."""
+    try:
+        validate_messages(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, MlxLlamaError):
+        return False
+    return True
+
+
 class ChatSession:
     def __init__(
         self,
@@ -137,6 +146,15 @@ class ChatSession:
         self._unstarted = None
         self.messages = self.messages[:1] if self.system is not None else []
         self._in_sync = False
+        # Keep only the cached system prompt, so the cache size reports the new conversation.
+        prefix = self._render_ids(self.messages, False) if self.messages else []
+        p = prompt_cache.common_prefix(self.cached_ids, prefix)
+        if prompt_cache.rollback(self.cache, len(self.cached_ids) - p):
+            del self.cached_ids[p:]
+        else:  # a rotating cache that evicted cannot roll back
+            self._new_cache()
+        if self.first_prompt_len is not None and self.first_prompt_len > len(self.cached_ids):
+            self.first_prompt_len = None
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt, keeping the conversation; the cache follows at the next turn."""
@@ -159,19 +177,24 @@ class ChatSession:
         self._in_sync = False
 
     def save(self, path: str | Path) -> None:
+        """Write the conversation as JSON; an existing file is replaced only if it holds a conversation."""
         self._drop_unstarted()
+        path = Path(path)
         try:
-            Path(path).write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n")
-        except OSError as e:
-            raise MlxLlamaError(f"cannot write {path}: {e.strerror or e}") from None
+            if path.exists() and not _holds_conversation(path):
+                raise MlxLlamaError(f"{path} exists and is not a saved conversation; refusing to overwrite it")
+            path.write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n",
+                            encoding="utf-8")
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise MlxLlamaError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
 
     def load(self, path: str | Path) -> None:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise MlxLlamaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         except json.JSONDecodeError as e:
             raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise MlxLlamaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         self.set_messages(validate_messages(data, str(path)))
 
     # ---- prompt cache -------------------------------------------------------------
@@ -189,26 +212,31 @@ class ChatSession:
     # ---- a turn -------------------------------------------------------------------
 
     def _fit_context(self) -> None:
-        """Growing cache: drop the oldest turns until the prompt and room for an answer fit."""
+        """Growing cache: drop the oldest turns until the prompt and room for an answer fit.
+
+        Decided on a copy first: a message that cannot fit even alone is refused
+        with the conversation untouched.
+        """
         if self.rotating:
             return
         limit = self.context_limit
         reserve = min(self.max_tokens, limit // 2)
         first = 1 if self.system is not None else 0
-        dropped = 0
-        n = len(self._render_ids(self.messages))
+        kept = list(self.messages)
+        n = len(self._render_ids(kept))
         while n + reserve > limit:
-            users = [i for i in range(first + 1, len(self.messages)) if self.messages[i]["role"] == "user"]
+            users = [i for i in range(first + 1, len(kept)) if kept[i]["role"] == "user"]
             if not users:
                 break
-            dropped += users[0] - first
-            del self.messages[first : users[0]]
-            n = len(self._render_ids(self.messages))
+            del kept[first : users[0]]
+            n = len(self._render_ids(kept))
         if n >= limit:
             raise MlxLlamaError(
                 f"the message does not fit: the prompt would take {n} tokens, the model's context is {limit}"
             )
+        dropped = len(self.messages) - len(kept)
         if dropped:
+            self.messages = kept
             self._in_sync = False
             self.notify(f"[context full: dropped the {dropped} oldest messages, {n} tokens kept]")
 

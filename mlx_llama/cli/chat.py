@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator
 
 import click
 
-from mlx_llama.generation.prompt_cache import PromptCacheFile
+from mlx_llama.generation.prompt_cache import PromptCacheFile, refuse_foreign_file
 from mlx_llama.backends import load_backend
 from mlx_llama.chat.session import ChatSession
 from mlx_llama.cli.options import cache_kwargs, model_options, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
 
 PROMPT = ">>> "
+CONTINUE_PROMPT = "... "
+BLOCK = '"""'
 
 HELP = """\
 Commands:
@@ -26,7 +28,37 @@ Commands:
   /load FILE     load a conversation saved with /save
   /stats         cache size and the last turn's speed
   /exit          leave (Ctrl-D works too)
+Multi-line messages: end a line with \\ to continue it, or wrap the message in \"\"\" ... \"\"\".
 Ctrl-C stops an answer; the partial answer stays in the conversation."""
+
+
+def read_message(first: str, more: Callable[[], str | None]) -> str:
+    """One user message starting with the line `first`; `more()` gives the next line (None: no more input).
+
+    As in ollama: a message opened with three double quotes runs until a line ending with them;
+    a line ending with a backslash continues on the next line.
+    """
+    lines = []
+    if first.startswith(BLOCK):
+        line: str | None = first[len(BLOCK):]
+        while line is not None and not line.endswith(BLOCK):
+            lines.append(line)
+            line = more()
+        if line is not None:
+            lines.append(line[: -len(BLOCK)])
+        return "\n".join(lines).strip("\n")
+    line = first
+    while line is not None and line.endswith("\\"):
+        lines.append(line[:-1])
+        line = more()
+    if line is not None:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def escape_newlines(text: str) -> str:
+    """Piped answers stay one per line: backslash, newline and carriage return written as \\\\, \\n, \\r."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _stats_line(session: ChatSession) -> str:
@@ -74,6 +106,13 @@ def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> boo
     return True
 
 
+def _more_input() -> str | None:
+    try:
+        return input(CONTINUE_PROMPT)
+    except EOFError:
+        return None
+
+
 def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -97,7 +136,15 @@ def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
                 if not _command(session, line, click.echo):
                     return
                 continue
-            answer = session.ask(line)
+            text = read_message(line, _more_input)
+        except KeyboardInterrupt:
+            click.echo()  # Ctrl-C inside a multi-line message drops it
+            continue
+        except MlxLlamaError as e:
+            click.echo(f"error: {e}")
+            continue
+        try:
+            answer = session.ask(text)
         except MlxLlamaError as e:
             click.echo(f"error: {e}")
             continue
@@ -119,10 +166,15 @@ def _interactive(session: ChatSession, after_turn: Callable[[], None]) -> None:
         after_turn()
 
 
-def _scripted(session: ChatSession, lines: TextIO, jsonl: bool, after_turn: Callable[[], None]) -> None:
+def _scripted(session: ChatSession, lines: Iterator[str], jsonl: bool, after_turn: Callable[[], None]) -> None:
     """Each input line is one user turn (or a /command); only answers go to stdout."""
     out = sys.stdout
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+
+    def more() -> str | None:  # the next line of a multi-line message
+        nxt = next(lines, None)
+        return None if nxt is None else nxt.rstrip("\r\n")
+
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -131,16 +183,17 @@ def _scripted(session: ChatSession, lines: TextIO, jsonl: bool, after_turn: Call
             if not _command(session, line, say):
                 return
             continue
+        text = read_message(line, more)
         pieces = []
-        for piece in session.ask(line):
+        for piece in session.ask(text):
             pieces.append(piece)
             if not jsonl:
-                out.write(piece)
+                out.write(escape_newlines(piece))
                 out.flush()
         st = session.last_stats
         if jsonl:
             record: dict[str, Any] = {
-                "user": line, "assistant": "".join(pieces), "prompt_tokens": st.prompt_tokens,
+                "user": text, "assistant": "".join(pieces), "prompt_tokens": st.prompt_tokens,
                 "generation_tokens": st.generation_tokens, "finish_reason": st.finish_reason,
                 "cache_tokens": session.cache_tokens,
             }
@@ -163,14 +216,17 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
     """Chat with a model; the KV cache is kept between turns.
 
     Interactive on a terminal.  With stdin piped, every line is one user turn
-    (or a /command) and only the answers are printed, one per line.
+    (or a /command) and only the answers are printed, one per line: newlines
+    inside an answer are written as \\n (and a backslash as \\\\); --jsonl
+    prints JSON instead.  In both, a line ending with \\ continues the message on
+    the next line, and \"\"\" ... \"\"\" wraps a multi-line message.
     """
     notify = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if prompt_cache is not None and backend != "mlx":
-        raise MlxLlamaError("--prompt-cache needs the mlx backend")
+        raise click.UsageError("--prompt-cache needs the mlx backend")
+    if prompt_cache is not None:
+        refuse_foreign_file(prompt_cache)
     model, tokenizer = load_backend(backend, model_path, dtype)
-    if opts["max_kv_size"] is not None and opts["max_kv_size"] < 2:
-        raise MlxLlamaError("--max-kv-size must be at least 2")
     session = ChatSession(
         model, tokenizer, system=system, sampling=sampling_params(opts, model.generation_config),
         max_tokens=opts["max_tokens"], notify=notify, **cache_kwargs(opts),
@@ -186,4 +242,4 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
     if stdin.isatty():
         _interactive(session, after_turn)
     else:
-        _scripted(session, stdin, jsonl, after_turn)
+        _scripted(session, iter(stdin), jsonl, after_turn)

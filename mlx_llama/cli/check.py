@@ -61,7 +61,7 @@ def check_command(model_path: str, prompt: str | None, prompt_ids: str | None, t
     numpy_model = load_numpy_model(model_path, reference_dtype)
     cfg = mlx_model.config
     if prompt_ids is not None:
-        ids = parse_ids(prompt_ids)
+        ids = parse_ids(prompt_ids, cfg.vocab_size)
     else:
         tokenizer = Tokenizer.from_dir(mlx_model.path, cfg, mlx_model.generation_config)
         if tokenizer is None:

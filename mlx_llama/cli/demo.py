@@ -26,7 +26,7 @@ MARKER = ".mlx-llama-demo"  # marks a directory the demo made, so it may reuse a
               help="Shape of the random checkpoint.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("-p", "--prompt", default="Write a haiku about the sea.", show_default=True)
-@click.option("--max-tokens", "-n", type=int, default=24, show_default=True)
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=24, show_default=True)
 @click.pass_context
 def demo_command(ctx: click.Context, work_dir: Path, preset: str, bits: str, prompt: str, max_tokens: int) -> None:
     """Random checkpoint → convert → generate → cross-check, with no network."""

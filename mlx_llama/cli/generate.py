@@ -18,7 +18,7 @@ from mlx_llama.generation.batch import DEFAULT_BATCH_SIZE, BatchResult, batch_ge
 from mlx_llama.generation.engine import EngineConfig
 from mlx_llama.generation.loop import GenerationStats, generate_tokens
 from mlx_llama.generation.sampler import Sampler
-from mlx_llama.generation.prompt_cache import PromptCacheFile
+from mlx_llama.generation.prompt_cache import PromptCacheFile, refuse_foreign_file
 from mlx_llama.generation.text import stream_text
 
 
@@ -29,11 +29,16 @@ def _prompt_ids(tokenizer: Any, prompt: str, system: str | None, raw: bool) -> l
     return tokenizer.encode_chat(messages)
 
 
-def _print_stats(stats: GenerationStats) -> None:
+def _print_stats(stats: GenerationStats, backend: str) -> None:
+    if backend == "mlx":
+        memory = f"peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB"
+    else:  # NumPy allocations are not counted by MLX: report what the process holds
+        from mlx_llama.tools.bench import rss_bytes
+
+        memory = f"peak RSS: {rss_bytes()[1] / 1e9:.3f} GB"
     click.echo(
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.2f} tok/s | "
-        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.2f} tok/s | "
-        f"peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB",
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.2f} tok/s | {memory}",
         err=True,
     )
 
@@ -57,6 +62,13 @@ def _join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: 
     model_dir = checkpoint.model_dir
     model = PipelineModel(pipe, model_dir.path, model_dir.generation_config)
     return model, Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
+
+
+def _notice_context_end(stats: GenerationStats, max_tokens: int, context: int) -> None:
+    """Say so when the answer stopped because the model's context was full, not at -n."""
+    if stats.finish_reason == "length" and stats.generation_tokens < max_tokens:
+        click.echo(f"[stopped after {stats.generation_tokens} tokens: the model's context ({context} tokens) "
+                   "is full; --max-kv-size N allows longer outputs]", err=True)
 
 
 @click.command("generate")
@@ -89,7 +101,7 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
     """Generate text from a prompt, or answer every line of a prompts file."""
     given = [x for x in (prompt, prompt_ids, prompts_file) if x is not None]
     if len(given) != 1:
-        raise MlxLlamaError("give exactly one of --prompt, --prompt-ids or --prompts-file")
+        raise click.UsageError("give exactly one of --prompt, --prompt-ids or --prompts-file")
     if (output is None) != (prompts_file is None):
         raise MlxLlamaError("--prompts-file and --output go together")
     if prompts_file is not None:
@@ -105,7 +117,11 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             raise MlxLlamaError(f"{prompts_file} holds no prompts")
 
     if prompt_cache is not None and (backend != "mlx" or prompt is None):
-        raise MlxLlamaError("--prompt-cache works with --prompt on the mlx backend")
+        raise click.UsageError("--prompt-cache works with --prompt on the mlx backend")
+    if raw and system is not None:
+        raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
+    if prompt_cache is not None:
+        refuse_foreign_file(prompt_cache)
 
     if pipeline:
         if backend != "mlx" or prompts_file is not None or prompt_cache is not None:
@@ -123,10 +139,11 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
 
     if prompt_ids is not None:
         stop = tokenizer.stop_ids if tokenizer else model.config.eos_token_id
-        tokens = generate_tokens(model, parse_ids(prompt_ids), max_tokens=max_tokens, sampler=Sampler(params),
-                                 stop_ids=stop, stats=stats, **cache_opts)
+        tokens = generate_tokens(model, parse_ids(prompt_ids, model.config.vocab_size), max_tokens=max_tokens,
+                                 sampler=Sampler(params), stop_ids=stop, stats=stats, **cache_opts)
         for tok in tokens:
             click.echo(tok)
+        _notice_context_end(stats, max_tokens, model.config.max_position_embeddings)
     else:
         if tokenizer is None:
             raise MlxLlamaError(f"{model_path} has no tokenizer.json: use --prompt-ids")
@@ -144,6 +161,7 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             for piece in answer(prompt):
                 click.echo(piece, nl=False)
             click.echo()
+            _notice_context_end(stats, max_tokens, model.config.max_position_embeddings)
         else:
             ids = [_prompt_ids(tokenizer, text, system, raw) if text else [] for text in prompts]
             # Chunks of --prefill-step-size, as `generate -p` feeds them: an answer here is the one
@@ -154,7 +172,7 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             _run_batch(model, tokenizer, prompts, ids, batch_out, engine,
                        max_tokens=max_tokens, sampling=params, stop_strings=stop_strings)
     if verbose and prompts_file is None:
-        _print_stats(stats)
+        _print_stats(stats, backend)
 
 
 def _run_batch(model: Any, tokenizer: Any, prompts: list[str], ids: list[list[int]], out: BatchOutput,

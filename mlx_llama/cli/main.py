@@ -12,6 +12,7 @@ import sys
 import click
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.kernels import blas
 
 # name → (module:attribute, the one-line help `mlx-llama --help` shows)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,9 +49,19 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
+            blas.check_env()
             return super().invoke(ctx)
+        except click.UsageError as e:
+            e.ctx = None  # one line, "Error: ...", without the usage block (exit status 2 stays)
+            raise
         except MlxLlamaError as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except OSError as e:  # the file system refused something a check did not foresee (name too long, ...)
+            name = str(e.filename) if e.filename is not None else ""
+            name = name if len(name) <= 80 else name[:77] + "..."
+            raise click.ClickException(f"{name + ': ' if name else ''}{e.strerror or e}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory: the model (or its context) does not fit in RAM") from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import click
@@ -29,30 +30,46 @@ backend_option = click.option("--backend", type=click.Choice(BACKENDS), default=
 # -m/--model, --backend, --dtype
 model_options = _stack(model_option, backend_option, dtype_option)
 
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: click.FloatRange lets NaN through (every comparison is False)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 # --max-kv-size, --keep, --prefill-step-size: how the KV cache is built and filled.
 cache_options = _stack(
-    click.option("--max-kv-size", type=int, default=None,
+    click.option("--max-kv-size", type=click.IntRange(min=2), default=None,
                  help="Bound the KV cache to this many tokens (rotating cache)."),
-    click.option("--keep", type=int, default=4, show_default=True,
+    click.option("--keep", type=click.IntRange(min=0), default=4, show_default=True,
                  help="With --max-kv-size: leading tokens that are never evicted."),
-    click.option("--prefill-step-size", type=int, default=512, show_default=True,
+    click.option("--prefill-step-size", type=click.IntRange(min=1), default=512, show_default=True,
                  help="Prompt tokens processed per forward pass."),
 )
 
 # Sampling flags, named as in mlx-lm and llama.cpp, plus the cache options.
 sampling_options = _stack(
-    click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
+    click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True,
                  help="Most tokens to generate per answer."),
-    click.option("--temp", "temperature", type=float, default=None,
+    click.option("--temp", "temperature", type=FiniteFloat(min=0), default=None,
                  help="Sampling temperature; 0 is greedy [default: the model's generation_config, else 0]."),
-    click.option("--top-p", type=float, default=None, help="Nucleus sampling mass [default: generation_config, else 1]."),
-    click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: all)."),
-    click.option("--min-p", type=float, default=0.0, show_default=True,
+    click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
+                 help="Nucleus sampling mass [default: generation_config, else 1]."),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Keep the k most likely tokens (0: all)."),
+    click.option("--min-p", type=FiniteFloat(min=0, max=1, max_open=True), default=0.0, show_default=True,
                  help="Drop tokens below min-p × the top probability."),
-    click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-    click.option("--repetition-context-size", type=int, default=20, show_default=True,
+    click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True),
+    click.option("--repetition-context-size", type=click.IntRange(min=1), default=20, show_default=True,
                  help="How many recent tokens the repetition penalty looks at."),
-    click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Seed for reproducible sampling (any non-negative integer: NumPy's generator takes them all)."),
     cache_options,
 )
 
@@ -80,9 +97,15 @@ def cache_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     return {k: opts[k] for k in ("max_kv_size", "keep", "prefill_step_size")}
 
 
-def parse_ids(text: str) -> list[int]:
-    """--prompt-ids: integers separated by commas or spaces."""
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+    """--prompt-ids: integers separated by commas or spaces, each a token of the model's vocabulary."""
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise MlxLlamaError(f"--prompt-ids must be integers separated by commas or spaces: {text!r}") from None
+    if not ids:
+        raise MlxLlamaError("--prompt-ids is empty")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise MlxLlamaError(f"--prompt-ids: {bad[0]} is not a token id of this model (ids run from 0 to {vocab_size - 1})")
+    return ids

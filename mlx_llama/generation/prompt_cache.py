@@ -20,10 +20,13 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import read_error
 from mlx_llama.interfaces import KVCache, LanguageModel
 
 FORMAT = "mlx-llama-prompt-cache/1"
 _SAMPLE = 1 << 20  # bytes hashed from each end of every weight file
+_MAX_HEADER = 100 << 20  # a safetensors header is JSON metadata: far below this
 
 
 class PromptCacheMismatch(Exception):
@@ -78,6 +81,35 @@ def _prefix_state(layer_cache: KVCache, n: int) -> tuple[mx.array, mx.array] | N
     return mx.array(keys)[..., idx, :], mx.array(values)[..., idx, :]
 
 
+def _stored_format(path: Path) -> str | None:
+    """The format tag in a safetensors file's metadata; None when the file is not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER:
+                return None
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise read_error(path, e) from None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+def refuse_foreign_file(path: str | Path) -> None:
+    """A prompt cache file is rewritten at the end of a run: refuse one that is something else."""
+    path = Path(path)
+    if path.is_dir():
+        raise MlxLlamaError(f"--prompt-cache {path} is a folder; give a file name")
+    if path.exists() and _stored_format(path) != FORMAT:
+        raise MlxLlamaError(f"--prompt-cache {path} exists and is not an mlx-llama prompt cache; "
+                            "refusing to overwrite it (give a new file name)")
+
+
 def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fingerprint: str, dtype: str) -> bool:
     """Write the cache's first `len(ids)` positions; False when the cache no longer holds them all."""
     path = Path(path)
@@ -97,10 +129,13 @@ def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fing
         "num_layers": str(len(cache)),
         "token_ids": json.dumps([int(t) for t in ids]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mx.save_safetensors appends ".safetensors" to other names, so write a temp
-    # file ending in it and move it over the target atomically.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mx.save_safetensors appends ".safetensors" to other names, so write a temp
+        # file ending in it and move it over the target atomically.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    except OSError as e:
+        raise MlxLlamaError(f"cannot write the prompt cache {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         mx.save_safetensors(tmp, tensors, metadata=metadata)
@@ -108,9 +143,11 @@ def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fing
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # MLX reports a failed write as RuntimeError
+            raise MlxLlamaError(f"cannot write the prompt cache {path}: {e}") from None
         raise
     return True
 

@@ -46,6 +46,7 @@ from pathlib import Path
 ENV_VAR = "MLX_LLAMA_BLAS"
 GEMV_ENV_VAR = "MLX_LLAMA_BLAS_GEMV"
 _DISABLED = ("reference", "off", "none", "0", "false", "no")
+_ENABLED = ("", "openblas", "on", "1", "true", "yes")  # "" (unset): the default, OpenBLAS
 _PREFIX = "scipy_"
 
 # ELF relocation types whose slot holds a symbol's absolute address.
@@ -116,6 +117,15 @@ def _remove_hook() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MlxCoreHook)]
 
 
+def check_env() -> None:
+    """Refuse a value of $MLX_LLAMA_BLAS that means neither OpenBLAS nor the reference BLAS."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value not in _ENABLED + _DISABLED:
+        from mlx_llama.errors import MlxLlamaError
+
+        raise MlxLlamaError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use openblas (the default) or reference")
+
+
 def install() -> None:
     """Bind now if mlx.core is loaded, else as soon as it is imported."""
     if _INFO is not None:
@@ -141,12 +151,21 @@ def setup() -> BlasInfo:
         _INFO = BlasInfo("system")
     elif os.environ.get(ENV_VAR, "").strip().lower() in _DISABLED:
         _INFO = BlasInfo("reference", reason=f"{ENV_VAR}={os.environ[ENV_VAR]}")
+    elif os.environ.get(ENV_VAR, "").strip().lower() not in _ENABLED:
+        # Runs when mlx.core is imported, which must not fail; the CLI refuses the value (check_env).
+        print(f"mlx-llama: warning: {ENV_VAR}={os.environ[ENV_VAR]!r} is not openblas or reference; "
+              "using OpenBLAS", file=sys.stderr)
+        _INFO = _bind_or_reference()
     else:
-        try:
-            _INFO = _bind_openblas()
-        except Exception as e:  # a missing wheel or an odd libmlx must not stop the runner
-            _INFO = BlasInfo("reference", reason=f"OpenBLAS not bound: {e}")
+        _INFO = _bind_or_reference()
     return _INFO
+
+
+def _bind_or_reference() -> BlasInfo:
+    try:
+        return _bind_openblas()
+    except Exception as e:  # a missing wheel or an odd libmlx must not stop the runner
+        return BlasInfo("reference", reason=f"OpenBLAS not bound: {e}")
 
 
 def _bind_openblas() -> BlasInfo:

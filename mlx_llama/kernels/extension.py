@@ -33,6 +33,8 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
+from mlx_llama.errors import MlxLlamaError
+
 try:  # mlx.core is imported first: the extension links against libmlx.
     from mlx_llama import _qmm_ext as _ext
 
@@ -58,7 +60,7 @@ def kernel_for(mode: str, bits: int) -> str:
 def _env_mode() -> str:
     mode = os.environ.get("MLX_LLAMA_QMM", DEFAULT_MODE).strip().lower() or DEFAULT_MODE
     if mode not in MODES:
-        raise ValueError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
+        raise MlxLlamaError(f"MLX_LLAMA_QMM={mode!r}: choose from {', '.join(MODES)}")
     return mode
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.files import check_readable
 from mlx_llama.model_dir import weight_files
 
 _STORAGE = {
@@ -33,6 +34,7 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 
 def _tensors_in(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    check_readable(path)
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))

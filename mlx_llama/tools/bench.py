@@ -199,29 +199,38 @@ def run_bench(
     }
 
 
-def format_table(result: dict[str, Any], threads: int | None = None) -> str:
-    """A llama-bench-like markdown table for one `run_bench` result."""
-    env = result["env"]
-    name = os.path.basename(result["model"].rstrip("/")) or "model"
-    size = f"{result['weight_bytes'] / 2**30:.2f} GiB"
-    params = f"{result['params'] / 1e9:.2f} B"
-    backend = f"MLX {env['device']} + {env['blas_name']}"
-    th = threads or env.get("blas_threads") or env["cores"]
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A llama-bench-like markdown table for `run_bench` results (one pp and one tg row each).
+
+    A result's "threads" entry, when set, is the thread count it ran with.
+    """
+    head = "| model | quant | size | params | backend | threads | test | t/s |"
+    rows = [head, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    notes = []
 
     def ms(d: dict[str, float], fmt: str = "{:.2f}") -> str:
         return f"{fmt.format(d['mean'])} ± {fmt.format(d['std'])}"
 
-    head = "| model | quant | size | params | backend | threads | test | t/s |"
-    rows = [head, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for test, key in ((f"pp{result['n_prompt']}", "pp_tps"), (f"tg{result['n_gen']}", "tg_tps")):
-        rows.append(f"| {name} | {result['quantization']} | {size} | {params} | {backend} | {th} | {test} | "
-                    f"{ms(result[key])} |")
+    for result in results:
+        env = result["env"]
+        name = os.path.basename(result["model"].rstrip("/")) or "model"
+        size = f"{result['weight_bytes'] / 2**30:.2f} GiB"
+        params = f"{result['params'] / 1e9:.2f} B"
+        backend = f"MLX {env['device']} + {env['blas_name']}"
+        th = result.get("threads") or env.get("blas_threads") or env["cores"]
+        tests = (f"pp{result['n_prompt']}", "pp_tps"), (f"tg{result['n_gen']}", "tg_tps")
+        for test, key in tests:
+            rows.append(f"| {name} | {result['quantization']} | {size} | {params} | {backend} | {th} | {test} | "
+                        f"{ms(result[key])} |")
+        label = f"pp{result['n_prompt']}/tg{result['n_gen']}, {th} threads: " if len(results) > 1 else ""
+        notes.append(
+            f"{label}time to first token {ms(result['ttft_s'], '{:.3f}')} s | "
+            f"weights read per token {result['bytes_per_token'] / 1e6:.1f} MB → "
+            f"{ms(result['bandwidth_gbs'])} GB/s | peak MLX memory {result['peak_memory_bytes'] / 1e9:.3f} GB | "
+            f"RSS {result['rss_bytes'] / 1e9:.3f} GB (peak {result['rss_peak_bytes'] / 1e9:.3f} GB)"
+        )
+    env = results[-1]["env"]
     rows.append("")
-    rows.append(
-        f"time to first token {ms(result['ttft_s'], '{:.3f}')} s | "
-        f"weights read per token {result['bytes_per_token'] / 1e6:.1f} MB → "
-        f"{ms(result['bandwidth_gbs'])} GB/s | peak MLX memory {result['peak_memory_bytes'] / 1e9:.3f} GB | "
-        f"RSS {result['rss_bytes'] / 1e9:.3f} GB (peak {result['rss_peak_bytes'] / 1e9:.3f} GB)"
-    )
+    rows += notes
     rows.append(f"BLAS: {env['blas']} | quantized matmul: {env['qmatmul']} | MLX {env['mlx']}")
     return "\n".join(rows)
