@@ -74,6 +74,7 @@ class World:
             pass
         (self.home / "notes.txt").write_text("the user's notes\n")
         (self.home / "prompts.txt").write_text("hello\n")
+        (self.home / "ids.txt").write_text(" ".join(str(i) for i in range(3, 40)) + "\n")
         (self.home / "existing_dir").mkdir()
         (self.home / "existing_dir" / "keep.txt").write_text("keep me\n")
         (self.home / "broken_link").symlink_to(self.home / "nowhere")
@@ -195,6 +196,7 @@ def base_args(name: str, world: World) -> dict[str, Any]:
         "check": {"--model": model, "--tokens": "1"},
         "bench": {"--model": model, "--n-prompt": "4", "--n-gen": "2", "--repetitions": "1", "--no-warmup": True},
         "convert": {"SOURCE": model, "--out-dir": str(world.home / "new_output")},
+        "perplexity": {"--model": model, "--ids": str(world.home / "ids.txt"), "--ctx": "8"},
         "info": {},
         "demo": {"--dir": str(world.home / "existing_dir")},  # refused after parsing: a full run takes seconds
     }[name]

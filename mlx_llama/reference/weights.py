@@ -41,19 +41,38 @@ def _tensors_in(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             header = json.loads(f.read(n))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MlxLlamaError(f"cannot read {path.name}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise MlxLlamaError(f"cannot read {path.name}: not a safetensors file (its header is not an object)")
     header.pop("__metadata__", None)
     if not header:
         return
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     for name, info in header.items():
-        code = info.get("dtype")
-        if code not in _STORAGE:
-            raise MlxLlamaError(f"{path.name}: tensor {name} has unsupported dtype {code}")
-        start, end = info["data_offsets"]
+        code, shape, (start, end) = _entry(path, name, info)
         if end > data.size:
             raise MlxLlamaError(f"{path.name} is truncated: tensor {name} runs past the end of the file")
-        arr = data[start:end].view(_STORAGE[code]).reshape(info["shape"])
+        arr = data[start:end].view(_STORAGE[code]).reshape(shape)
         yield name, bf16_to_float32(arr) if code == "BF16" else arr
+
+
+def _naturals(v: object, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of `length` items when given)."""
+    return (isinstance(v, list) and (length is None or len(v) == length)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+
+
+def _entry(path: Path, name: str, info: object) -> tuple[str, list[int], tuple[int, int]]:
+    """A header entry's dtype, shape and byte range, checked against each other."""
+    if not isinstance(info, dict):
+        raise MlxLlamaError(f"{path.name}: tensor {name} has a malformed header entry")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in _STORAGE:
+        raise MlxLlamaError(f"{path.name}: tensor {name} has unsupported dtype {code}")
+    if not _naturals(shape) or not _naturals(offsets, 2) or offsets[0] > offsets[1]:
+        raise MlxLlamaError(f"{path.name}: tensor {name} has a malformed shape or data_offsets")
+    if offsets[1] - offsets[0] != int(np.prod(shape, dtype=np.int64)) * np.dtype(_STORAGE[code]).itemsize:
+        raise MlxLlamaError(f"{path.name}: tensor {name}'s data_offsets do not match its shape and dtype")
+    return code, shape, (offsets[0], offsets[1])
 
 
 def read_numpy_weights(model_dir: Path) -> dict[str, np.ndarray]:
