@@ -36,7 +36,8 @@ from mlx_llama.convert.command import convert_command  # noqa: E402
 from mlx_llama.cli.demo import demo_command  # noqa: E402
 from mlx_llama.cli.generate import generate_command  # noqa: E402
 from mlx_llama.cli.info import info_command  # noqa: E402
+from mlx_llama.cli.serve import serve_command  # noqa: E402
 
 for _command in (convert_command, generate_command, chat_command, check_command, bench_command,
-                 info_command, demo_command):
+                 info_command, demo_command, serve_command):
     main.add_command(_command)
