@@ -6,7 +6,7 @@ _blas.install()  # first: MLX's CPU BLAS calls go to OpenBLAS once mlx.core load
 
 from typing import Any
 
-__all__ = ["load", "generate_tokens", "GenerationStats"]
+__all__ = ["load", "generate_tokens", "GenerationStats", "batch_generate"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from mlx_llama.generation import loop as generate
 
         return getattr(generate, name)
+    if name == "batch_generate":
+        from mlx_llama.generation.batch import batch_generate
+
+        return batch_generate
     raise AttributeError(f"module 'mlx_llama' has no attribute {name!r}")

@@ -79,6 +79,8 @@ class EngineConfig:
             raise MlxLlamaError("need 1 <= prefill chunk <= prefill tokens per step")
         if self.kv_budget_bytes < 1:
             raise MlxLlamaError("the KV budget must be positive")
+        if self.max_kv_size is not None and not 0 <= self.keep < self.max_kv_size:
+            raise MlxLlamaError(f"keep ({self.keep}) must be in [0, max KV size ({self.max_kv_size}))")
 
 
 @dataclass
