@@ -1,7 +1,7 @@
 """A job's token events → the pieces of its answer: text deltas, logprobs, finish reason, usage.
 
-Text goes through the streaming detokenizer and the stop-string filter of
-`generation.text`, so a stop string split across tokens is still caught and
+Text goes through `generation.text.TextAssembler` (streaming detokenizer and
+stop-string filter), so a stop string split across tokens is still caught and
 never sent; the job is then cancelled at once.  Stop tokens end the answer
 without text.  A model without a tokenizer answers with token ids instead.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from mlx_llama.generation.requests import TokenEvent
-from mlx_llama.generation.text import StopStringFilter
+from mlx_llama.generation.text import TextAssembler
 from mlx_llama.server.prompts import ServedModel
 from mlx_llama.server.schemas import PromptTokensDetails, TopLogprob, TokenLogprob, Usage
 from mlx_llama.server.worker import Job
@@ -32,10 +32,8 @@ class Piece:
 
 class AnswerAssembler:
     def __init__(self, served: ServedModel, stop_strings: Sequence[str]) -> None:
-        self._served = served
         self._tokenizer = served.tokenizer
-        self._detok = self._tokenizer.detokenizer() if self._tokenizer is not None else None
-        self._stops = StopStringFilter(stop_strings)
+        self._text = TextAssembler(self._tokenizer, stop_strings) if self._tokenizer is not None else None
         self.completion_tokens = 0
 
     def _token_text(self, token: int) -> str:
@@ -60,17 +58,16 @@ class AnswerAssembler:
         if token is not None:
             self.completion_tokens += 1
             piece.logprobs = self._logprobs(event)
-            if self._detok is None:
+            if self._text is None:
                 piece.token_ids = [token]
-            elif token not in self._served.stop_ids:
-                piece.text = self._stops.feed(self._detok.add(token))
-        if self._stops.stopped:
+            else:
+                piece.text = self._text.add(token)
+        if self._text is not None and self._text.done:  # a stop string or a stop token
             piece.finish_reason = "stop"
         elif event.finish_reason is not None:
-            if self._detok is not None:
-                piece.text += self._stops.feed(self._detok.flush())
-                piece.text += "" if self._stops.stopped else self._stops.flush()
-            piece.finish_reason = "stop" if self._stops.stopped or event.finish_reason == "stop" else "length"
+            if self._text is not None:
+                piece.text += self._text.finish()
+            piece.finish_reason = "length" if event.finish_reason == "length" else "stop"
         return piece
 
     def usage(self, job: Job, prompt_tokens: int) -> Usage:
