@@ -24,7 +24,7 @@ MODEL = "tiny-chat"
 def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
     proc = ServerProcess(tiny_chat_model, log, "--model-name", MODEL, "--parallel", "8",
-                         "--kv-budget", "256M", "--prompt-cache-bytes", "64M")
+                         "--kv-budget", "256M", "--prompt-cache-bytes", "64M", "--max-tokens", "5")
     yield proc
     proc.stop_cleanly()
 
@@ -69,6 +69,11 @@ def test_chat_completion_usage(client: Any, tokenizer: Tokenizer) -> None:
     assert r.usage.completion_tokens == 6
     assert r.usage.total_tokens == r.usage.prompt_tokens + 6
     assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_without_max_tokens_gets_the_server_default(client: Any) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=user("Hello"), temperature=0)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
 def test_chat_stream_matches_non_stream(client: Any) -> None:

@@ -67,7 +67,7 @@ class ScriptedEngine:
         return len(self.requests)
 
 
-SERVED = ServedModel(name="scripted", tokenizer=None, context_length=4096, vocab_size=256,
+SERVED = ServedModel(name="scripted", tokenizer=None, context_length=4096, default_max_tokens=16, vocab_size=256,
                      eos_ids=frozenset({2}), created=0)
 BODY = {"prompt": [1, 5, 9], "max_tokens": 4000}
 

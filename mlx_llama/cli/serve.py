@@ -68,6 +68,8 @@ def _is_loopback(host: str) -> bool:
               help="Requests decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
               help="Requests that may wait for a slot; beyond them the server answers 429.")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(1), default=2048, show_default=True,
+              help="Tokens generated for a request that does not set max_tokens.")
 @click.option("--max-kv-size", type=click.IntRange(1), default=None,
               help="Give each sequence a rotating KV cache of this many tokens (default: growing).")
 @click.option("--kv-budget", type=ByteSize(), default="2G", show_default=True,
@@ -82,7 +84,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_command(model_path: str, dtype: str | None, host: str, port: int, model_name: str | None,
-                  parallel: int, max_queue: int, max_kv_size: int | None, kv_budget: int,
+                  parallel: int, max_queue: int, default_max_tokens: int, max_kv_size: int | None, kv_budget: int,
                   prompt_cache_bytes: int, api_key: str | None, api_key_file: Path | None,
                   cors_origins: tuple[str, ...], log_level: str) -> None:
     """Serve a model over the OpenAI API (chat and text completions, streaming)."""
@@ -105,7 +107,8 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     model, tokenizer = load(model_path, dtype)
     served = ServedModel(
         name=model_name or Path(model_path).resolve().name, tokenizer=tokenizer,
-        context_length=model.config.max_position_embeddings, vocab_size=model.config.vocab_size,
+        context_length=model.config.max_position_embeddings, default_max_tokens=default_max_tokens,
+        vocab_size=model.config.vocab_size,
         eos_ids=frozenset(model.config.eos_token_id), created=int(time.time()),
         generation_config=model.generation_config,
     )

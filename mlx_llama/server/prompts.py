@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from mlx_llama.cli.options import sampling_params
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.requests import GenerationRequest
+from mlx_llama.generation.sampler import SamplingParams
 from mlx_llama.interfaces import Message, TokenizerLike
 from mlx_llama.server.errors import ApiError
 from mlx_llama.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -28,6 +29,7 @@ class ServedModel:
     name: str
     tokenizer: TokenizerLike | None
     context_length: int  # prompt + generated tokens of one request
+    default_max_tokens: int  # for requests that do not set max_tokens
     vocab_size: int
     eos_ids: frozenset[int]
     created: int
@@ -99,7 +101,11 @@ def completion_prompt_ids(request: CompletionRequest, served: ServedModel) -> li
 
 
 def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: ServedModel) -> GenerationRequest:
-    """The engine request: the prompt must leave room for a token; max_tokens stops at the context's end."""
+    """The engine request: the prompt must leave room for a token; max_tokens stops at the context's end.
+
+    Without max_tokens a request gets the server's default, not the whole context: the engine
+    reserves KV for prompt + max_tokens, and a 128K-token reservation would not fit its budget.
+    """
     if not prompt_ids:
         raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
     room = served.context_length - len(prompt_ids)
@@ -110,9 +116,11 @@ def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: S
     limit = request.max_tokens
     if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
         limit = request.max_completion_tokens
+    if limit is None:
+        limit = served.default_max_tokens
     opts = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                 min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-                repetition_context_size=20, seed=request.seed)
+                repetition_context_size=SamplingParams.repetition_context_size, seed=request.seed)
     try:
         sampling = sampling_params(opts, served.generation_config)
     except MlxLlamaError as e:
@@ -122,6 +130,6 @@ def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: S
     else:
         top_logprobs = request.logprobs
     return GenerationRequest(
-        prompt_ids=list(prompt_ids), max_tokens=min(limit or room, room), sampling=sampling,
+        prompt_ids=list(prompt_ids), max_tokens=min(limit, room), sampling=sampling,
         stop_ids=served.stop_ids, top_logprobs=top_logprobs, constraint=constraint_for(request),
     )
