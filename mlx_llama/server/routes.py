@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,7 +22,7 @@ from mlx_llama.server.prompts import (
 )
 from mlx_llama.server.schemas import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, Completion,
-    CompletionChoice, CompletionLogprobs, CompletionRequest, ModelCard, ModelList,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, ModelCard, ModelList, Usage,
 )
 from mlx_llama.server.streaming import HEADERS, StreamSpec, chat_events, completion_events
 from mlx_llama.server.worker import EngineDead, EngineWorker, Job
@@ -103,6 +103,59 @@ def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 
 
+def _chat_response(body: ChatCompletionRequest, spec: StreamSpec, pieces: list[Piece], usage: Usage) -> BaseModel:
+    logprobs = ChatLogprobs(content=[lp for p in pieces for lp in p.logprobs]) if spec.logprobs else None
+    choice = ChatChoice(message=AssistantMessage(content="".join(p.text for p in pieces)), logprobs=logprobs,
+                        finish_reason=pieces[-1].finish_reason)
+    return ChatCompletion(id=spec.id, created=spec.created, model=spec.model, choices=[choice], usage=usage)
+
+
+def _completion_response(body: CompletionRequest, spec: StreamSpec, pieces: list[Piece], usage: Usage) -> BaseModel:
+    logprobs = CompletionLogprobs.of([lp for p in pieces for lp in p.logprobs], 0) if spec.logprobs else None
+    token_ids = [t for p in pieces for t in p.token_ids]
+    choice = CompletionChoice(text="".join(p.text for p in pieces), logprobs=logprobs,
+                              finish_reason=pieces[-1].finish_reason, token_ids=token_ids or None)
+    return Completion(id=spec.id, created=spec.created, model=spec.model, choices=[choice], usage=usage)
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What differs between chat and text completions."""
+
+    schema: type[BaseModel]
+    id_prefix: str
+    prompt_ids: Callable[[Any, ServedModel], list[int]]
+    wants_logprobs: Callable[[Any], bool]
+    events: Callable[[Job, AnswerAssembler, StreamSpec], AsyncIterator[str]]
+    response: Callable[[Any, StreamSpec, list[Piece], Usage], BaseModel]
+
+
+_CHAT = _Endpoint(ChatCompletionRequest, "chatcmpl", chat_prompt_ids, lambda body: body.logprobs,
+                  chat_events, _chat_response)
+_COMPLETION = _Endpoint(CompletionRequest, "cmpl", completion_prompt_ids, lambda body: body.logprobs is not None,
+                        completion_events, _completion_response)
+
+
+async def _answer(request: Request, endpoint: _Endpoint) -> Response:
+    """Validate, submit, then stream the answer or collect it into one response."""
+    context = _context(request)
+    body: Any = await _parse(request, endpoint.schema)
+    check_request(body, context.served)
+    generation = generation_request(body, endpoint.prompt_ids(body, context.served), context.served)
+    job, submitted = await _submit(context, generation)
+    assembler = AnswerAssembler(context.served, body.stop_strings())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    spec = _spec(context, endpoint.id_prefix, generation, include_usage, endpoint.wants_logprobs(body), submitted)
+    if body.stream:
+        return _stream(endpoint.events(job, assembler, spec))
+    try:
+        pieces = await _collect(request, job, assembler, spec)
+    except _ClientGone:
+        return Response(status_code=499)  # nobody reads it; the status is for /metrics
+    usage = assembler.usage(job, spec.prompt_tokens)
+    return JSONResponse(endpoint.response(body, spec, pieces, usage).model_dump())
+
+
 def build_router(auth: Callable[[Request], Awaitable[None]]) -> APIRouter:
     router = APIRouter()
     guarded = [Depends(auth)]
@@ -126,49 +179,10 @@ def build_router(auth: Callable[[Request], Awaitable[None]]) -> APIRouter:
 
     @router.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
-        context = _context(request)
-        body = await _parse(request, ChatCompletionRequest)
-        check_request(body, context.served)
-        generation = generation_request(body, chat_prompt_ids(body, context.served), context.served)
-        job, submitted = await _submit(context, generation)
-        assembler = AnswerAssembler(context.served, body.stop_strings())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        spec = _spec(context, "chatcmpl", generation, include_usage, body.logprobs, submitted)
-        if body.stream:
-            return _stream(chat_events(job, assembler, spec))
-        try:
-            pieces = await _collect(request, job, assembler, spec)
-        except _ClientGone:
-            return Response(status_code=499)
-        logprobs = ChatLogprobs(content=[lp for p in pieces for lp in p.logprobs]) if body.logprobs else None
-        choice = ChatChoice(message=AssistantMessage(content="".join(p.text for p in pieces)), logprobs=logprobs,
-                            finish_reason=pieces[-1].finish_reason)
-        return JSONResponse(ChatCompletion(id=spec.id, created=spec.created, model=spec.model, choices=[choice],
-                                           usage=assembler.usage(job, spec.prompt_tokens)).model_dump())
+        return await _answer(request, _CHAT)
 
     @router.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request) -> Response:
-        context = _context(request)
-        body = await _parse(request, CompletionRequest)
-        check_request(body, context.served)
-        generation = generation_request(body, completion_prompt_ids(body, context.served), context.served)
-        job, submitted = await _submit(context, generation)
-        assembler = AnswerAssembler(context.served, body.stop_strings())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        spec = _spec(context, "cmpl", generation, include_usage, body.logprobs is not None, submitted)
-        if body.stream:
-            return _stream(completion_events(job, assembler, spec))
-        try:
-            pieces = await _collect(request, job, assembler, spec)
-        except _ClientGone:
-            return Response(status_code=499)
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = CompletionLogprobs.of([lp for p in pieces for lp in p.logprobs], 0)
-        token_ids = [t for p in pieces for t in p.token_ids]
-        choice = CompletionChoice(text="".join(p.text for p in pieces), logprobs=logprobs,
-                                  finish_reason=pieces[-1].finish_reason, token_ids=token_ids or None)
-        return JSONResponse(Completion(id=spec.id, created=spec.created, model=spec.model, choices=[choice],
-                                       usage=assembler.usage(job, spec.prompt_tokens)).model_dump())
+        return await _answer(request, _COMPLETION)
 
     return router
