@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-cpp-bin", help="folder holding llama-server and llama-quantize")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "serve")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
     args.clients = [int(c) for c in args.clients.split(",")]
     args.prompt_lengths = [int(n) for n in args.prompt_lengths.split(",")]
     peers = args.peers.split(",")

@@ -116,7 +116,7 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     worker = EngineWorker(Engine(model, config), on_step=metrics.on_step)
     app = create_app(served, worker, metrics, api_key=key, cors_origins=cors_origins)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
-    click.echo(f"serving {served.name} on http://{host}:{port}/v1 ({parallel} parallel)", err=True)
+    click.echo(f"serving {served.name} at http://{host}:{port}/v1 ({parallel} in parallel)", err=True)
     # uvicorn owns SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to
     # the grace period), then the app's lifespan stops the engine thread.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
