@@ -2,11 +2,12 @@
 
 Split by role, as llama.cpp's server is:
 
-- `engine_api`   the `BatchEngine` Protocol the server needs from an engine, and its errors
-- `serial_engine` a one-request-at-a-time `BatchEngine` over the single-sequence loop
+- `engine_api`   the `BatchEngine` Protocol the server needs from an engine
+  (`mlx_llama.generation.engine.Engine` implements it)
 - `worker`       the engine thread: owns MLX, takes submissions and cancels from a task queue
 - `schemas`      pydantic request bodies (validation) and response bodies
 - `prompts`      an OpenAI request → a `GenerationRequest` (chat template, limits, sampling)
+- `structured`   what `response_format` / `tools` do (refused until constrained decoding lands)
 - `completion`   token events → text pieces (detokenizing, stop strings, logprobs, usage)
 - `streaming`    server-sent events as OpenAI's clients parse them
 - `errors`       OpenAI-style error objects for every failure

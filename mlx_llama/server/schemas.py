@@ -3,7 +3,7 @@
 Requests are validated strictly (a string where a number belongs is an error,
 not coerced) and every range OpenAI documents is enforced here, so a bad field
 becomes a 400 naming it.  Fields we know but do not implement are declared too,
-so that `prompts.refuse_unsupported` can refuse them instead of ignoring them;
+so that `prompts.check_request` and `structured` can refuse them instead of ignoring them;
 fields nobody here knows (`user`, `metadata`, vendor extensions) are ignored,
 as they change nothing about the answer.
 """
