@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                        "max_tokens": args.max_tokens, "rounds": args.rounds,
                        "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])])},
               "servers": {name: merge(r) for name, r in rounds.items()}}
-    out = HERE / "results" / f"serve-load-{args.preset}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    out = HERE / "results" / f"serve-load-{args.preset}"  # the preset has dots: no with_suffix
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{out}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
