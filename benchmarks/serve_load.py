@@ -161,6 +161,8 @@ def start_server(name: str, weights: dict[str, Path], args: argparse.Namespace, 
         cmd = [str(bin_dir / "llama-server"), "-m", str(weights["gguf"]), "--port", str(port), "--host", "127.0.0.1",
                "-np", str(args.parallel), "-c", str(ctx), "-t", str(args.threads), "-tb", str(args.threads),
                "--no-webui"]
+        if args.llama_cpp_poll is not None:
+            cmd += ["--poll", str(args.llama_cpp_poll)]
         env = batch_throughput._lib_env(bin_dir)
     log(f"starting {name}")
     server = Server(name, cmd, port, env, work / f"{name}.log")
@@ -200,7 +202,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# serve load, {m['preset']} random weights (4-bit / Q4_0)", "",
              f"{m['parallel']} slots, {m['threads']} threads, {m['requests']} requests per client, prompts "
              f"{m['prompt_lengths']} tokens, {m['max_tokens']} greedy tokens, {m['rounds']} round(s), "
-             f"medians over rounds. `{m['command']}`", "",
+             f"medians over rounds, llama-server --poll {m['llama_cpp_poll'] if m['llama_cpp_poll'] is not None else 'default'}, "
+             f"load average at the end {m['load_average'][0]:.1f}. `{m['command']}`", "",
              "| server | clients | tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | errors | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["servers"].items():
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peers", default="mlx-llama,llama-server")
     ap.add_argument("--llama-cpp-bin", help="folder holding llama-server and llama-quantize")
+    ap.add_argument("--llama-cpp-poll", type=int, default=None,
+                    help="llama-server's --poll (0: its threads sleep instead of spinning; fairer on a busy machine)")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "serve")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
@@ -256,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         for name in peers if rnd % 2 == 0 else peers[::-1]:
             rounds[name].append(run_round(name, weights, args, bin_dir, args.work, prompts))
-    result = {"meta": {"preset": args.preset, "parallel": args.parallel, "threads": args.threads,
+    result = {"meta": {"preset": args.preset, "llama_cpp_poll": args.llama_cpp_poll,
+                       "load_average": os.getloadavg(), "parallel": args.parallel, "threads": args.threads,
                        "requests": args.requests, "prompt_lengths": args.prompt_lengths,
                        "max_tokens": args.max_tokens, "rounds": args.rounds,
                        "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])])},
               "servers": {name: merge(r) for name, r in rounds.items()}}
-    out = HERE / "results" / f"serve-load-{args.preset}"  # the preset has dots: no with_suffix
+    poll = "" if args.llama_cpp_poll is None else f"-poll{args.llama_cpp_poll}"
+    out = HERE / "results" / f"serve-load-{args.preset}{poll}"  # the preset has dots: no with_suffix
     Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{out}.md").write_text(markdown(result))
     print(markdown(result))
