@@ -5,7 +5,11 @@ requirements from pyproject.toml: cmake, ninja, nanobind and the pinned MLX whos
 headers and libmlx the extension compiles and links against.
 
 Set MLX_LLAMA_SKIP_EXT=1 to install without the extension (the package then
-falls back to mx.quantized_matmul); a failed extension build is an error.
+falls back to mx.quantized_matmul). A failed extension build is an error, except
+on macOS: there it prints one line and installs without the extension, since a
+Mac user must always be able to install (the Metal path never uses it, and on
+the CPU the package falls back with a warning). MLX_LLAMA_EXT_OPTIONAL=1 or 0
+sets that policy on any platform.
 """
 
 import os
@@ -25,7 +29,26 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def ext_optional() -> bool:
+    value = os.environ.get("MLX_LLAMA_EXT_OPTIONAL")
+    return sys.platform == "darwin" if value is None else value == "1"
+
+
 class CMakeBuild(build_ext):
+    def build_extensions(self) -> None:
+        built = []
+        for ext in self.extensions:
+            try:
+                self.build_extension(ext)
+                built.append(ext)
+            except (OSError, subprocess.CalledProcessError) as e:  # OSError: no cmake
+                if not ext_optional():
+                    raise
+                print(f"mlx-llama: C++ extension not built ({type(e).__name__}), installing without it: "
+                      "mx.quantized_matmul is used", file=sys.stderr)
+        # What setuptools then copies (editable installs) and lists in the wheel.
+        self.extensions = built
+
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)

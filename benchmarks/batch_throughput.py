@@ -95,8 +95,8 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
     engine = Engine(model, EngineConfig(max_batch=B, prefill_chunk=chunk, prefill_tokens_per_step=chunk))
     ids = lambda n: list(map(int, rng.integers(0, 128000, n)))  # noqa: E731
     for _ in range(B - 1):
-        engine.submit(GenerationRequest(ids(16), 10_000))
-    while engine.running < B - 1 or any(s.prefilling for s in engine._running):  # noqa: SLF001 (benchmark probe)
+        engine.submit(GenerationRequest(ids(16), 64))
+    for _ in range(B - 1):  # with chunks of >= 16, one prompt a step: then all B - 1 stream
         engine.step()
 
     def timed(n: int) -> list[float]:
@@ -116,7 +116,7 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
 
 def run_engine(name: str, weights: Path, args: argparse.Namespace, gap: bool) -> dict[str, Any]:
     spec = dict(name=name, weights=str(weights), n_prompt=args.n_prompt, n_gen=args.n_gen, seed=args.seed,
-                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0, gap_prompt=args.n_prompt)
+                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0, gap_prompt=2 * args.chunk)
     r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
@@ -136,17 +136,14 @@ def find_llama_cpp(option: str | None) -> Path | None:
 
 
 def gguf(hf: Path, work: Path, kind: str, bin_dir: Path, threads: int) -> Path:
-    """GGUF `kind`: F16 written by throughput.py's writer, quantized by llama-quantize."""
+    """GGUF `kind` (q4_0, q8_0): throughput.py's F16 GGUF, quantized by the llama-quantize tool
+    (throughput.py quantizes through llama-cpp-python, which the tool's folder does not need)."""
     out = work / f"model-{kind}.gguf"
-    if out.exists():
-        return out
-    f16 = work / "model-f16.gguf"
-    if not f16.exists():
-        log(f"writing {f16}")
-        throughput.write_gguf_f16(hf, f16)
-    log(f"quantizing → {out.name}")
-    subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), kind.upper(), str(threads)],
-                   check=True, capture_output=True, env=_lib_env(bin_dir))
+    if not out.exists():
+        f16 = throughput.prepare_gguf_f16(hf, work)
+        log(f"quantizing → {out.name}")
+        subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), kind.upper(), str(threads)],
+                       check=True, capture_output=True, env=_lib_env(bin_dir))
     return out
 
 
@@ -161,6 +158,8 @@ def run_llama_cpp(model: Path, bin_dir: Path, args: argparse.Namespace) -> dict[
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(ctx), "-b", "2048", "-ub", "512",
            "-npp", str(args.n_prompt), "-ntg", str(args.n_gen), "-npl", ",".join(map(str, args.batch_sizes)),
            "-t", str(args.threads), "--output-format", "jsonl"]
+    if args.llama_cpp_poll is not None:
+        cmd += ["--poll", str(args.llama_cpp_poll)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_lib_env(bin_dir))
     if r.returncode != 0:
         raise RuntimeError(f"llama-batched-bench failed:\n{r.stderr[-3000:]}")
@@ -229,7 +228,8 @@ def markdown(result: dict[str, Any]) -> str:
     a = result["args"]
     lines = [f"# Batched decode, {a['preset']} random weights, p{a['n_prompt']} g{a['n_gen']}, "
              f"{a['threads']} threads, {result['rounds']} interleaved round(s)", "",
-             f"Command: `{result['command']}`", "", f"Machine: {result['machine']}", ""]
+             f"Command: `{result['command']}`", "", f"Machine: {result['machine']}", "",
+             f"llama.cpp --poll: {a['llama_cpp_poll'] if a['llama_cpp_poll'] is not None else 'its default (50)'}", ""]
     for bits in a["bits"]:
         ours = result["peers"].get(f"mlx-llama-q{bits}")
         if not ours:
@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--peers", default="mlx-llama,llamacpp", help="from mlx-llama, llamacpp, mlx-lm")
     ap.add_argument("--llama-cpp-bin", help="folder holding llama-batched-bench and llama-quantize")
+    ap.add_argument("--llama-cpp-poll", type=int, default=None,
+                    help="llama.cpp's --poll (0: its threads sleep instead of spinning; fairer on a busy machine)")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "batch")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=0)
@@ -298,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         log("llama-batched-bench not found (--llama-cpp-bin, $LLAMA_CPP_BIN, PATH): llama.cpp skipped")
     ggufs = {bits: gguf(hf, args.work, f"q{bits}_0", bin_dir, args.threads) for bits in args.bits} if bin_dir else {}
     runs: dict[str, list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()[0]
     for rnd in range(args.rounds):
         for bits in args.bits:
             if "mlx-llama" in peers:
@@ -314,13 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                         if not k.startswith("_")},
                   command="python benchmarks/batch_throughput.py " + " ".join(argv or sys.argv[1:]),
-                  machine=f"{throughput._cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end",
+                  machine=f"{throughput._cpu_name()}, {os.cpu_count()} cores, load average {load_before:.1f} "
+                          f"at the start, {os.getloadavg()[0]:.1f} at the end",
                   rounds=args.rounds, peers={name: median_runs(r) for name, r in runs.items()})
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"batch-throughput-{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    poll = "" if args.llama_cpp_poll is None else f"-poll{args.llama_cpp_poll}"
+    stem = f"batch-throughput-{args.preset}{poll}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 

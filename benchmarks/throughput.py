@@ -213,15 +213,21 @@ def write_gguf_f16(hf: Path, out: Path) -> None:
     w.close()
 
 
+def prepare_gguf_f16(hf: Path, work: Path) -> Path:
+    """The F16 GGUF of `hf`, written with gguf (once; then reused)."""
+    f16 = work / "model-f16.gguf"
+    if not f16.exists():
+        log(f"writing {f16}")
+        subprocess.run([sys.executable, str(Path(__file__)), "--_write-gguf", str(hf), str(f16)], check=True)
+    return f16
+
+
 def prepare_gguf(hf: Path, work: Path, kind: str, threads: int) -> Path:
     """GGUF `kind` (q4_0, q8_0): F16 written with gguf, quantized by llama.cpp itself."""
     out = work / f"model-{kind}.gguf"
     if out.exists():
         return out
-    f16 = work / "model-f16.gguf"
-    if not f16.exists():
-        log(f"writing {f16}")
-        subprocess.run([sys.executable, str(Path(__file__)), "--_write-gguf", str(hf), str(f16)], check=True)
+    f16 = prepare_gguf_f16(hf, work)
     log(f"quantizing {f16.name} → {out.name} with llama_model_quantize")
     ftype = {"q4_0": 2, "q8_0": 7}[kind]  # LLAMA_FTYPE_MOSTLY_Q4_0 / Q8_0
     code = (

@@ -54,13 +54,24 @@ bool cpu_has_avx2() {
 
 namespace {
 
+#if defined(__aarch64__)
+// MLX_LLAMA_FORCE_SCALAR turns the NEON paths off too, as it does AVX2 on
+// x86: tests/native compares them with the scalar ones on arm64.
+bool neon_enabled() {
+  static const bool v = std::getenv("MLX_LLAMA_FORCE_SCALAR") == nullptr;
+  return v;
+}
+#endif
+
 inline int ceil_div(int a, int b) {
   return (a + b - 1) / b;
 }
 
+#ifdef MLXL_X86 // the AVX2 paths' prefetches
 inline int scale_bytes(ScaleType t) {
   return t == ScaleType::F32 ? 4 : 2;
 }
+#endif
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h >> 15) << 31;
@@ -1007,10 +1018,11 @@ float dot_f32(const float* a, const float* b, int n) {
   }
 #endif
 #if defined(__aarch64__)
-  return dot_neon(a, b, n);
-#else
-  return dot_scalar(a, b, n);
+  if (neon_enabled()) {
+    return dot_neon(a, b, n);
+  }
 #endif
+  return dot_scalar(a, b, n);
 }
 
 bool q8_supported(int K, int group_size, int bits) {
@@ -1060,7 +1072,9 @@ void dequantize_rows(
     int bits) {
   const int ng = K / group_size;
   const int row_bytes = K * bits / 8;
+#ifdef MLXL_X86
   const bool avx2 = cpu_has_avx2();
+#endif
   const int n_tasks = ceil_div(N, kRowsPerTask);
   ThreadPool::instance().parallel_for(n_tasks, [&](int t, int) {
     const int n0 = t * kRowsPerTask;
@@ -1142,7 +1156,7 @@ const char* isa() {
 #ifdef MLXL_X86
   return cpu_has_avx2() ? "avx2" : "scalar";
 #elif defined(__aarch64__)
-  return "neon";
+  return neon_enabled() ? "neon" : "scalar";
 #else
   return "scalar";
 #endif

@@ -69,7 +69,8 @@ bool cpu_has_avx2();
 // sum a[i] * b[i] in float32 with the widest SIMD the CPU has.
 float dot_f32(const float* a, const float* b, int n);
 
-// "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime.
+// "avx2", "neon" or "scalar": the SIMD level the kernels picked at runtime
+// (MLX_LLAMA_FORCE_SCALAR picks "scalar" on every CPU).
 const char* isa();
 
 } // namespace mlx_llama

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.interfaces import LanguageModel, TokenizerLike
 
 BACKENDS = ("mlx", "numpy")
 
 
-def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple[Any, Any]:
+def load_backend(name: str, path: str | Path, dtype: str | None = None) -> tuple[LanguageModel, TokenizerLike | None]:
     """`(model, tokenizer)` for a model directory on the named backend."""
     if name == "mlx":
         from mlx_llama.loader import load

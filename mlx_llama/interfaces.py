@@ -9,7 +9,8 @@ no common type.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence, TypedDict, runtime_checkable
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
 
 import numpy as np
 
@@ -67,6 +68,8 @@ class LanguageModel(Protocol):
 
     config: ModelConfig
     xp: Any  # the array library: mlx.core or numpy
+    path: Path  # the directory it was loaded from
+    generation_config: Mapping[str, Any]  # generation_config.json (empty when absent)
 
     @property
     def dtype(self) -> Any:

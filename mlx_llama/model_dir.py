@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from mlx_llama.config import ModelConfig, read_optional_json
 from mlx_llama.errors import MlxLlamaError
@@ -17,7 +18,7 @@ IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 class ModelDir:
     path: Path
     config: ModelConfig
-    generation_config: dict[str, Any] = field(default_factory=dict)
+    generation_config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelDir":
@@ -26,7 +27,8 @@ class ModelDir:
             raise MlxLlamaError(f"model directory {str(path)!r} not found")
         if not (p / "config.json").is_file():
             raise MlxLlamaError(f"{p} has no config.json: not a model directory")
-        return cls(p, ModelConfig.from_file(p / "config.json"), read_optional_json(p / "generation_config.json"))
+        generation = MappingProxyType(read_optional_json(p / "generation_config.json"))
+        return cls(p, ModelConfig.from_file(p / "config.json"), generation)
 
     def weight_files(self) -> list[Path]:
         return weight_files(self.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
@@ -72,7 +72,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: ModelConfig | None = None,
-                 generation_config: dict[str, Any] | None = None) -> "Tokenizer | None":
+                 generation_config: Mapping[str, Any] | None = None) -> "Tokenizer | None":
         """The tokenizer of a model directory, or None when it ships no tokenizer.json.
 
         Stop tokens: every eos id in config.json, generation_config.json and

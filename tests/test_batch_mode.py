@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import mlx_llama
 from mlx_llama.cli.main import main
+from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.engine import Engine
 from mlx_llama.loader import load, load_model
 
@@ -120,3 +121,9 @@ def test_batch_generate_text_stops_at_stop_strings(tiny_chat_model):
     cut = mlx_llama.batch_generate(model, [ids], tokenizer=tokenizer, max_tokens=12, stop_strings=[stop])[0]
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
     assert np.all(np.asarray(cut.token_ids) == np.asarray(full.token_ids[: len(cut.token_ids)]))
+
+
+def test_batch_generate_names_a_refused_prompt(make_checkpoint):
+    model = load_model(make_checkpoint(), "float32")
+    with pytest.raises(MlxLlamaError, match="prompt 2: the prompt has 2100 tokens"):
+        mlx_llama.batch_generate(model, [[1, 5], [5] * 2100], max_tokens=2)

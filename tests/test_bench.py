@@ -80,3 +80,4 @@ def test_info_runs() -> None:
     assert data["versions"]["mlx"]
     assert data["cpu"]["cores"] >= 1
     assert data["blas"]["active"] in ("openblas", "reference", "system")
+    assert data["extension"].startswith(("present", "absent"))

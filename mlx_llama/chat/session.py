@@ -36,6 +36,7 @@ from mlx_llama.generation import prompt_cache
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.loop import GenerationStats, generate_tokens
 from mlx_llama.generation.sampler import Sampler, SamplingParams
+from mlx_llama.generation.text import stream_text
 from mlx_llama.tokenizer import Message
 
 ROLES = ("system", "user", "assistant")
@@ -280,18 +281,14 @@ class ChatSession:
         self._unstarted = None
         base = len(self.cached_ids)
         generated: list[int] = []
-        detok = self.tokenizer.detokenizer()
-        try:
+
+        def recorded() -> Iterator[int]:
             for tok in tokens:
                 generated.append(tok)
-                if tok in self.tokenizer.stop_ids:
-                    break
-                piece = detok.add(tok)
-                if piece:
-                    yield piece
-            tail = detok.flush()
-            if tail:
-                yield tail
+                yield tok
+
+        try:
+            yield from stream_text(recorded(), self.tokenizer)
         finally:
             tokens.close()
             self._record(base, new_ids, generated)

@@ -56,6 +56,15 @@ def blas_libraries() -> list[str]:
     return [p for p in libs if any(k in os.path.basename(p).lower() for k in ("blas", "lapack", "mkl"))]
 
 
+def extension() -> str:
+    """Whether the C++ extension (our CPU kernels) is installed and loads (it need not: see setup.py)."""
+    from mlx_llama.kernels import extension as ext
+
+    if not ext.available():
+        return f"absent: {ext.backend_name()}"
+    return f"present ({ext.module().isa()} kernels)"
+
+
 def collect() -> dict[str, Any]:
     import mlx.core as mx
 
@@ -78,6 +87,7 @@ def collect() -> dict[str, Any]:
                    "metal_available": bool(getattr(mx, "metal", None) and mx.metal.is_available())},
         "blas": {"active": b.name, "description": b.describe(), "threads": b.threads,
                  "rebound_symbols": len(b.symbols), "verified": blas.verify(), "loaded_libraries": blas_libraries()},
+        "extension": extension(),
         "quantized_matmul": qmatmul_backend(),
         "batch_invariance": invariance.describe(),
         "cpu": cpu_info(),
@@ -101,6 +111,7 @@ def info_command(as_json: bool) -> None:
                f"{' [slots verified]' if data['blas']['verified'] else ''}")
     for lib in data["blas"]["loaded_libraries"]:
         click.echo(f"  loaded: {lib}")
+    click.echo(f"C++ extension (CPU kernels): {data['extension']}")
     click.echo(f"quantized matmul: {data['quantized_matmul']}")
     click.echo(f"batch-invariant rows (batched engine): {data['batch_invariance']}")
     c = data["cpu"]

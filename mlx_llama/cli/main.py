@@ -1,16 +1,49 @@
-"""The `mlx-llama` command line: a click group whose commands live in their own modules."""
+"""The `mlx-llama` command line: a click group whose commands live in their own modules.
+
+Commands are imported when they run, so `mlx-llama --help` (and a typo) answers
+without loading MLX.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from mlx_llama.errors import MlxLlamaError
 
+# name → (module:attribute, the one-line help `mlx-llama --help` shows)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("mlx_llama.convert.command:convert_command",
+                "Convert a Hugging Face checkpoint (repo id or folder) to MLX, quantized to 2-8 bits."),
+    "generate": ("mlx_llama.cli.generate:generate_command",
+                 "Generate text from a prompt, or answer every line of a prompts file."),
+    "chat": ("mlx_llama.cli.chat:chat_command", "Chat with a model; the KV cache is kept between turns."),
+    "check": ("mlx_llama.cli.check:check_command", "Compare the MLX model with the NumPy reference."),
+    "bench": ("mlx_llama.cli.bench:bench_command", "Measure prefill (pp) and decode (tg) tok/s, llama-bench style."),
+    "info": ("mlx_llama.cli.info:info_command", "Show versions, device, BLAS, quantized-matmul kernel, CPU."),
+    "demo": ("mlx_llama.cli.demo:demo_command",
+             "Random checkpoint → convert → generate → cross-check, offline."),
+    "serve": ("mlx_llama.cli.serve:serve_command", "Serve a model over the OpenAI API (chat and text completions)."),
+}
+
 
 class _Group(click.Group):
-    """Turns user errors into one-line messages and a non-zero exit, never a traceback."""
+    """Loads commands on use; turns user errors into one-line messages and a non-zero exit."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -26,18 +59,3 @@ class _Group(click.Group):
 @click.version_option(package_name="mlx-llama")
 def main() -> None:
     """Run LLaMA-3 models locally with MLX: convert, generate, chat, benchmark."""
-
-
-# Each command lives in its own module; importing them here registers them.
-from mlx_llama.cli.bench import bench_command  # noqa: E402
-from mlx_llama.cli.chat import chat_command  # noqa: E402
-from mlx_llama.cli.check import check_command  # noqa: E402
-from mlx_llama.convert.command import convert_command  # noqa: E402
-from mlx_llama.cli.demo import demo_command  # noqa: E402
-from mlx_llama.cli.generate import generate_command  # noqa: E402
-from mlx_llama.cli.info import info_command  # noqa: E402
-from mlx_llama.cli.serve import serve_command  # noqa: E402
-
-for _command in (convert_command, generate_command, chat_command, check_command, bench_command,
-                 info_command, demo_command, serve_command):
-    main.add_command(_command)

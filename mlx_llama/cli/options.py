@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import click
 
@@ -57,7 +57,7 @@ sampling_options = _stack(
 )
 
 
-def sampling_params(opts: dict[str, Any], generation_config: dict[str, Any]) -> SamplingParams:
+def sampling_params(opts: dict[str, Any], generation_config: Mapping[str, Any]) -> SamplingParams:
     """The sampling spec from the flags, filling unset --temp/--top-p from generation_config.json."""
     sample = bool(generation_config.get("do_sample", False))
     temperature = opts["temperature"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mlx_llama.generation.engine import Engine, EngineConfig
+from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.engine import Engine, EngineConfig, RequestRefused
 from mlx_llama.generation.requests import FinishReason, GenerationRequest
 from mlx_llama.generation.sampler import SamplingParams
 from mlx_llama.generation.text import TextAssembler
@@ -43,6 +44,8 @@ def batch_generate(
     `stop_strings`.  `on_result(index, result)` is called as each prompt
     finishes, `on_tokens(n)` after each step with the tokens it produced.
     `config` overrides the engine settings (its `max_batch` wins over `batch_size`).
+    A prompt the engine refuses (longer than the context, too large for the KV
+    budget) stops the run with an MlxLlamaError naming it.
     """
     config = config or EngineConfig(max_batch=batch_size, max_queue=max(len(prompts), 1))
     engine = Engine(model, config)
@@ -66,9 +69,12 @@ def batch_generate(
 
     while todo or engine.has_work:
         # Keep the queue just full enough to refill freed slots at the next step.
-        while todo and engine.waiting < config.max_batch:
+        while todo and engine.waiting < min(config.max_batch, config.max_queue):
             i = todo.pop(0)
-            rid = engine.submit(GenerationRequest(prompts[i], max_tokens, sampling, stop_ids))
+            try:
+                rid = engine.submit(GenerationRequest(prompts[i], max_tokens, sampling, stop_ids))
+            except RequestRefused as e:
+                raise MlxLlamaError(f"prompt {i + 1}: {e}") from None
             texts[rid] = (i, TextAssembler(tokenizer, stop_strings) if tokenizer else None, [])
         produced = 0
         for ev in engine.step():

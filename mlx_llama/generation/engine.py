@@ -67,7 +67,7 @@ class EngineConfig:
     # sequence's own positions.  Small chunks keep the inter-token gap of running
     # streams short while a prompt loads.
     prefill_chunk: int = 32
-    prefill_tokens_per_step: int = 64  # at most this many prompt tokens join one step
+    prefill_tokens_per_step: int = 32  # at most this many prompt tokens join one step (bounds the gap)
     prefix_cache_bytes: int = 0  # 0: no prefix cache across requests
 
     def validate(self) -> None:

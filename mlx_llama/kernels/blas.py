@@ -29,8 +29,7 @@ OpenBLAS's idle threads busy-wait 2^28 cycles (~0.1 s) after each call by
 default, while our quantized kernels want the same cores: in a 4-bit prefill
 (attention matmuls on OpenBLAS between kernel calls) the spinning thread took
 22% of the CPU samples.  Unless `OPENBLAS_THREAD_TIMEOUT` is set, we set it to
-its minimum (2^4 cycles) before OpenBLAS starts: 1B q4 prefill of 128 tokens
-50 -> 52-58 tok/s; float32 decode unchanged within noise.
+its minimum (2^4 cycles) before OpenBLAS starts.
 """
 
 from __future__ import annotations

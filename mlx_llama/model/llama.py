@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -133,6 +135,9 @@ class Model(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # Set by the loader.  A read-only mapping: nn.Module would take a dict for a parameter tree.
+        self.path: Path | None = None
+        self.generation_config: Mapping[str, Any] = MappingProxyType({})
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

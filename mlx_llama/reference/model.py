@@ -124,6 +124,7 @@ class Layer:
         h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
 
         def heads(y: np.ndarray, n: int) -> np.ndarray:
+            # (B, L, n * head_dim) → (B, n, L, head_dim): the cache's layout, so keys append along axis 2
             return y.reshape(B, L, n, cfg.head_dim).transpose(0, 2, 1, 3)
 
         q = heads(p["q_proj"](h), cfg.num_attention_heads)
@@ -133,8 +134,8 @@ class Layer:
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        a = attention(q, k, v, mask, cfg.head_dim**-0.5)
-        x = x + p["o_proj"](a.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        a = attention(q, k, v, mask, cfg.head_dim**-0.5)  # (B, heads, L, head_dim)
+        x = x + p["o_proj"](a.transpose(0, 2, 1, 3).reshape(B, L, -1))  # back to (B, L, hidden)
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         return x + p["down_proj"](silu(p["gate_proj"](h)) * p["up_proj"](h))
 
