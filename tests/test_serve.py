@@ -21,9 +21,19 @@ MODEL = "tiny-chat"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def quantized_chat_model(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4-bit weights: their default kernel is batch-invariant (README "Batched generation"); float BLAS is not."""
+    from mlx_llama.convert import convert
+
+    out = tmp_path_factory.mktemp("serve-q4") / "model"
+    convert(str(tiny_chat_model), str(out), bits=4, group_size=32, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(quantized_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc = ServerProcess(tiny_chat_model, log, "--model-name", MODEL, "--parallel", "8",
+    proc = ServerProcess(quantized_chat_model, log, "--model-name", MODEL, "--parallel", "8",
                          "--kv-budget", "256M", "--prompt-cache-bytes", "64M", "--max-tokens", "5")
     yield proc
     proc.stop_cleanly()
