@@ -56,7 +56,7 @@ def test_batch_mode_writes_predictions(tiny_chat_model, tmp_path):
     r = run("generate", "-m", str(tiny_chat_model), "--prompts-file", str(prompts), "-o", str(out), "-n", "4")
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
-    assert [d["input"] for d in data] == ["first prompt", "second 你好"]
+    assert [d["input"] for d in data] == ["first prompt", "", "second 你好"]  # the empty line keeps its place
     assert all(isinstance(d["output"], str) for d in data)
     # The user's file is never overwritten without --force.
     r = run("generate", "-m", str(tiny_chat_model), "--prompts-file", str(prompts), "-o", str(out))

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from mlx_llama.backends import load_backend
+from mlx_llama.cli.batch_output import BatchOutput
 from mlx_llama.cli.options import cache_kwargs, model_options, parse_ids, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.batch import DEFAULT_BATCH_SIZE, BatchResult, batch_generate
+from mlx_llama.generation.engine import EngineConfig
 from mlx_llama.generation.loop import GenerationStats, generate_tokens
 from mlx_llama.generation.sampler import Sampler
 from mlx_llama.generation.prompt_cache import PromptCacheFile
@@ -25,18 +27,6 @@ def _prompt_ids(tokenizer: Any, prompt: str, system: str | None, raw: bool) -> l
         return tokenizer.encode(prompt, add_bos=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return tokenizer.encode_chat(messages)
-
-
-def _write_json_atomically(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _print_stats(stats: GenerationStats) -> None:
@@ -54,8 +44,10 @@ def _print_stats(stats: GenerationStats) -> None:
 @click.option("--prompt-ids", help="Token ids instead of text, e.g. '1,5,9' (for models without a tokenizer).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Batch mode: one prompt per line.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Batch mode: write [{input, output}, ...] here.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Batch mode: write [{input, output}, ...] here ('-': stdout).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Batch mode: prompts decoded together.")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
 @click.option("--system", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
@@ -65,7 +57,8 @@ def _print_stats(stats: GenerationStats) -> None:
 @sampling_options
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory statistics.")
 def generate_command(model_path: str, backend: str, dtype: str | None, prompt: str | None,
-                     prompt_ids: str | None, prompts_file: Path | None, output: Path | None, force: bool,
+                     prompt_ids: str | None, prompts_file: Path | None, output: Path | None, batch_size: int,
+                     force: bool,
                      system: str | None, raw: bool, stop_strings: tuple[str, ...], verbose: bool,
                      prompt_cache: Path | None, **opts: Any) -> None:
     """Generate text from a prompt, or answer every line of a prompts file."""
@@ -74,15 +67,16 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         raise MlxLlamaError("give exactly one of --prompt, --prompt-ids or --prompts-file")
     if (output is None) != (prompts_file is None):
         raise MlxLlamaError("--prompts-file and --output go together")
-    if output is not None and output.exists() and not force:
-        raise MlxLlamaError(f"{output} exists; pass --force to overwrite it")
     if prompts_file is not None:
+        if backend != "mlx":
+            raise MlxLlamaError("batch mode (--prompts-file) runs on the mlx backend")
+        batch_out = BatchOutput(output, force)
         try:
-            prompts = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines()]
+            # Lines are kept as written (no stripping) and in place: an empty line gets an empty answer.
+            prompts = prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise MlxLlamaError(f"cannot read {prompts_file}: {e}") from None
-        prompts = [p for p in prompts if p]
-        if not prompts:
+        if not any(prompts):
             raise MlxLlamaError(f"{prompts_file} holds no prompts")
 
     if prompt_cache is not None and (backend != "mlx" or prompt is None):
@@ -118,11 +112,42 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
                 click.echo(piece, nl=False)
             click.echo()
         else:
-            results = []
-            with click.progressbar(prompts, label="generating", file=sys.stderr) as bar:
-                for text in bar:
-                    results.append({"input": text, "output": "".join(answer(text))})
-            _write_json_atomically(output, results)
-            click.echo(f"wrote {len(results)} predictions to {output}", err=True)
-    if verbose:
+            ids = [_prompt_ids(tokenizer, text, system, raw) if text else [] for text in prompts]
+            # Chunks of --prefill-step-size, as `generate -p` feeds them: an answer here is the one
+            # `generate -p` gives for that prompt (bit for bit where the kernels are batch-invariant).
+            step = cache_opts["prefill_step_size"]
+            engine = EngineConfig(max_batch=batch_size, max_queue=len(prompts), max_kv_size=cache_opts["max_kv_size"],
+                                  keep=cache_opts["keep"], prefill_chunk=step, prefill_tokens_per_step=step)
+            _run_batch(model, tokenizer, prompts, ids, batch_out, engine,
+                       max_tokens=max_tokens, sampling=params, stop_strings=stop_strings)
+    if verbose and prompts_file is None:
         _print_stats(stats)
+
+
+def _run_batch(model: Any, tokenizer: Any, prompts: list[str], ids: list[list[int]], out: BatchOutput,
+               engine: EngineConfig, **kw: Any) -> None:
+    """Answer every prompt on the batched engine, with a progress bar and tok/s on stderr."""
+    bar = tqdm(total=len(prompts), unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    start, produced = time.perf_counter(), 0
+
+    def on_result(i: int, result: BatchResult) -> None:
+        out.add(i, prompts[i], result.text or "")
+        bar.update(1)
+
+    def on_tokens(n: int) -> None:
+        nonlocal produced
+        produced += n
+        bar.set_postfix_str(f"{produced / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+
+    try:
+        results = batch_generate(model, ids, tokenizer=tokenizer, config=engine, on_result=on_result,
+                                 on_tokens=on_tokens, **kw)
+    except BaseException:
+        bar.close()
+        click.echo(out.failed(len(prompts)), err=True)
+        raise
+    bar.close()
+    seconds = time.perf_counter() - start
+    out.finish([{"input": text, "output": r.text or ""} for text, r in zip(prompts, results)])
+    where = "" if out.to_stdout else f"wrote {len(results)} predictions to {out.path}; "
+    click.echo(f"{where}{produced} tokens in {seconds:.1f} s ({produced / seconds:.1f} tok/s)", err=True)

@@ -59,6 +59,7 @@ def blas_libraries() -> list[str]:
 def collect() -> dict[str, Any]:
     import mlx.core as mx
 
+    from mlx_llama.generation import invariance
     from mlx_llama.kernels import blas
     from mlx_llama.tools.bench import qmatmul_backend
 
@@ -78,6 +79,7 @@ def collect() -> dict[str, Any]:
         "blas": {"active": b.name, "description": b.describe(), "threads": b.threads,
                  "rebound_symbols": len(b.symbols), "verified": blas.verify(), "loaded_libraries": blas_libraries()},
         "quantized_matmul": qmatmul_backend(),
+        "batch_invariance": invariance.describe(),
         "cpu": cpu_info(),
         "env": env,
     }
@@ -100,6 +102,7 @@ def info_command(as_json: bool) -> None:
     for lib in data["blas"]["loaded_libraries"]:
         click.echo(f"  loaded: {lib}")
     click.echo(f"quantized matmul: {data['quantized_matmul']}")
+    click.echo(f"batch-invariant rows (batched engine): {data['batch_invariance']}")
     c = data["cpu"]
     click.echo(f"CPU: {c['model']} ({c['machine']}), {c['usable_cores']} of {c['cores']} cores usable")
     click.echo(f"ISA: {' '.join(c['isa']) or '?'}")

@@ -39,6 +39,7 @@ class GenerationRequest:
     stop_ids: frozenset[int] = frozenset()
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
     constraint: TokenConstraint | None = None
+    return_logits: bool = False  # attach each step's raw logits row to its TokenEvent (tests, debugging)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None  # with finish_reason "error": one line saying why
+    logits: np.ndarray | None = None  # (vocab,) float32 when the request asked for return_logits
 
 
 @dataclass

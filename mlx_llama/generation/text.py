@@ -38,6 +38,35 @@ class StopStringFilter:
         return text
 
 
+class TextAssembler:
+    """One answer's text, pushed token by token: detokenizes, ends at a stop token
+    (not printed) or a stop string (cut before it); `done` says it ended."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self._detok = tokenizer.detokenizer()
+        self._stops = StopStringFilter(stop_strings)
+        self._stop_ids = tokenizer.stop_ids
+        self.done = False
+
+    def add(self, token: int) -> str:
+        """The text this token completes."""
+        if self.done:
+            return ""
+        if token in self._stop_ids:
+            return self.finish()
+        piece = self._stops.feed(self._detok.add(token))
+        self.done = self._stops.stopped
+        return piece
+
+    def finish(self) -> str:
+        """Whatever text is still held back (the tokens ran out)."""
+        if self.done:
+            return ""
+        self.done = True
+        tail = self._stops.feed(self._detok.flush())
+        return tail + ("" if self._stops.stopped else self._stops.flush())
+
+
 def stream_text(
     tokens: Iterator[int], tokenizer: Tokenizer, stop_strings: Sequence[str] = ()
 ) -> Iterator[str]:
@@ -45,19 +74,15 @@ def stream_text(
 
     Stop tokens end the text silently (they are not printed).
     """
-    detok = tokenizer.detokenizer()
-    stops = StopStringFilter(stop_strings)
+    text = TextAssembler(tokenizer, stop_strings)
     try:
         for tok in tokens:
-            if tok in tokenizer.stop_ids:
-                break
-            piece = stops.feed(detok.add(tok))
+            piece = text.add(tok)
             if piece:
                 yield piece
-            if stops.stopped:
+            if text.done:
                 return
-        tail = stops.feed(detok.flush())
-        tail += "" if stops.stopped else stops.flush()
+        tail = text.finish()
         if tail:
             yield tail
     finally:

@@ -21,7 +21,7 @@ from mlx_llama.errors import MlxLlamaError
 
 Mask = Union[None, str, mx.array]
 
-_STEP = 256  # grow buffers in chunks so decode does not reallocate every token
+GROWTH_STEP = 256  # grow buffers in chunks so decode does not reallocate every token
 
 
 def _grow(buf: mx.array | None, needed: int, like: mx.array, cap: int | None = None) -> mx.array:
@@ -29,7 +29,7 @@ def _grow(buf: mx.array | None, needed: int, like: mx.array, cap: int | None = N
     have = 0 if buf is None else buf.shape[2]
     if needed <= have:
         return buf
-    new_cap = ((needed + _STEP - 1) // _STEP) * _STEP
+    new_cap = ((needed + GROWTH_STEP - 1) // GROWTH_STEP) * GROWTH_STEP
     if cap is not None:
         new_cap = min(new_cap, cap)
     B, H, _, D = like.shape

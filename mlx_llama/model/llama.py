@@ -13,6 +13,9 @@ from mlx_llama.model.cache import make_cache
 from mlx_llama.config import ModelConfig
 from mlx_llama.model.rope import RoPE
 
+# One sequence's rows in a packed pass: (first row, row count, its layer cache, its mask).
+Span = tuple[int, int, Any, Any]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float) -> None:
@@ -41,15 +44,34 @@ class Attention(nn.Module):
         self.rope = RoPE(hd, cfg.rope_theta, cfg.rope_scaling)
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        q, k, v = self._project(x)
+        return self.o_proj(self._attend(q, k, v, mask, cache))
+
+    def packed(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+        """Attention for several sequences packed along L of x (1, N, hidden).
+
+        The projections run once over all N rows; RoPE, the cache update and
+        attention run per span on that sequence's rows and cache alone.
+        """
+        q, k, v = self._project(x)
+        outs = [self._attend(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache)
+                for s, n, cache, mask in spans]
+        return self.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v as (B, L, heads, head_dim)."""
         B, L, _ = x.shape
-        # (B, L, heads, head_dim) throughout; the cache stores (B, kv_heads, T, head_dim).
         if "qkv_proj" in self:
             q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
         else:  # projections whose formats differ (mlx_llama.model.fuse_weights)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, L, self.n_heads, -1)
-        k = k.reshape(B, L, self.n_kv_heads, -1)
-        v = v.reshape(B, L, self.n_kv_heads, -1)
+        return (q.reshape(B, L, self.n_heads, -1), k.reshape(B, L, self.n_kv_heads, -1),
+                v.reshape(B, L, self.n_kv_heads, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
+        """RoPE at the cache's offset, cache update, attention → (B, L, heads * head_dim)."""
+        B, L = q.shape[:2]
+        # The cache stores (B, kv_heads, T, head_dim).
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset)
         k = self.rope(k, offset).transpose(0, 2, 1, 3)
@@ -57,8 +79,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA: kv heads are shared by n_heads // n_kv_heads queries.
-        out = fused.attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.reshape(B, L, -1))
+        return fused.attention(q, k, v, self.scale, mask).reshape(B, L, -1)
 
 
 class MLP(nn.Module):
@@ -86,6 +107,10 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def packed(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+        h = x + self.self_attn.packed(self.input_layernorm(x), spans)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -139,13 +164,45 @@ class Model(nn.Module):
         with extension.resolved():
             return self._forward(tokens, cache, last_only, hidden_states)
 
-    def _forward(
-        self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
-    ) -> mx.array:
+    def forward_packed(self, tokens: mx.array, segments: Sequence[tuple[int, Sequence[Any]]],
+                       rows: Sequence[int]) -> mx.array:
+        """One pass over several sequences: logits (len(rows), vocab) of the given rows.
+
+        `tokens` (1, N) concatenates each segment's tokens; segment (L, cache)
+        continues its own per-layer caches.  Every matmul runs once over the N
+        rows, RoPE and attention per segment (Attention.packed), so a row's
+        result depends on its batch-mates only through the matmul kernels'
+        treatment of M (see mlx_llama.generation.engine).  `rows` index the N.
+        """
+        with extension.resolved():
+            h = self._embed(tokens)
+            spans, start = [], 0
+            for n, cache in segments:
+                spans.append((start, n, cache, cache[0].make_mask(n)))
+                start += n
+            for i, layer in enumerate(self.layers):
+                h = layer.packed(h, [(s, n, cache[i], mask) for s, n, cache, mask in spans])
+            if not rows:  # prompt chunks only: the caches are the result
+                return mx.zeros((0, self.config.vocab_size), dtype=self.dtype)
+            return self._head(h[:, mx.array(list(rows), dtype=mx.int32)])[0]
+
+    def _embed(self, tokens: mx.array) -> mx.array:
         h = self.model.embed_tokens(tokens)
         if h.dtype != self.dtype:
             # A quantized embedding dequantizes in float32; activations take the compute dtype.
             h = h.astype(self.dtype)
+        return h
+
+    def _head(self, h: mx.array) -> mx.array:
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def _forward(
+        self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
+    ) -> mx.array:
+        h = self._embed(tokens)
         L = tokens.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)
@@ -160,7 +217,4 @@ class Model(nn.Module):
                 hidden_states.append(h)
         if last_only:
             h = h[:, -1:, :]
-        h = self.model.norm(h)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self._head(h)
