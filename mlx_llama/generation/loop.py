@@ -139,7 +139,7 @@ def _decode_loop(
             allowed = constraint.allowed()
             if not allowed.any():
                 raise MlxLlamaError("the output constraint allows no next token")
-            logits = xp.where(xp.array(allowed), logits, float("-inf"))
+            logits = xp.where(xp.array(allowed), logits, xp.array(float("-inf"), dtype=logits.dtype))
         return sampler(xp, logits, history)
 
     token = draw(logits)
