@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Sequence
 
@@ -13,6 +14,8 @@ from mlx_llama.server.prompts import ServedModel
 from mlx_llama.server.routes import ServerContext, build_router
 from mlx_llama.server.security import add_cors, bearer_auth
 from mlx_llama.server.worker import EngineWorker
+
+log = logging.getLogger("mlx_llama.server")
 
 
 def create_app(served: ServedModel, worker: EngineWorker, metrics: ServerMetrics, *,
@@ -26,6 +29,7 @@ def create_app(served: ServedModel, worker: EngineWorker, metrics: ServerMetrics
             yield
         finally:
             worker.stop()
+            log.info("open requests drained; engine stopped after %d steps", worker.steps)
 
     app = FastAPI(title="mlx-llama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.context = ServerContext(served, worker, metrics)

@@ -9,7 +9,7 @@ without text.  A model without a tokenizer answers with token ids instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from mlx_llama.generation.requests import TokenEvent
 from mlx_llama.generation.text import StopStringFilter
@@ -80,10 +80,18 @@ class AnswerAssembler:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-async def answer_pieces(job: Job, assembler: AnswerAssembler) -> AsyncIterator[Piece]:
-    """The job's pieces up to the one that finishes it; leaving early (a client gone) cancels the job."""
+async def answer_pieces(job: Job, assembler: AnswerAssembler,
+                        on_first: Callable[[Job], None]) -> AsyncIterator[Piece]:
+    """The job's pieces up to the one that finishes it; leaving early (a client gone) cancels the job.
+
+    `on_first(job)` runs when the first event arrives (the job's info is known then).
+    """
+    first = True
     try:
         async for event in job:
+            if first:
+                first = False
+                on_first(job)
             piece = assembler.add(event)
             yield piece
             if piece.finish_reason is not None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from mlx_llama.generation.requests import GenerationRequest
 from mlx_llama.server.completion import AnswerAssembler, GenerationFailed, Piece, answer_pieces
-from mlx_llama.server.engine_api import EngineFull, RequestRejected
+from mlx_llama.generation.engine import QueueFull, RequestRefused
 from mlx_llama.server.errors import ApiError, validation_error
 from mlx_llama.server.metrics import ServerMetrics
 from mlx_llama.server.prompts import (
@@ -52,10 +52,10 @@ async def _parse(request: Request, schema: type[Body]) -> Body:
 async def _submit(context: ServerContext, generation: GenerationRequest) -> tuple[Job, float]:
     try:
         return await context.worker.submit(generation), time.perf_counter()
-    except EngineFull as e:
-        raise ApiError(429, f"the server is busy ({e}); retry in a moment", code="server_busy",
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}", code="server_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except RequestRejected as e:
+    except RequestRefused as e:
         raise ApiError(400, str(e), code="request_rejected") from None
     except EngineDead as e:
         raise ApiError(500, str(e), code="engine_dead") from None
@@ -65,11 +65,11 @@ class _ClientGone(Exception):
     pass
 
 
-async def _collect(request: Request, job: Job, assembler: AnswerAssembler) -> list[Piece]:
+async def _collect(request: Request, job: Job, assembler: AnswerAssembler, spec: StreamSpec) -> list[Piece]:
     """Every piece of a non-streamed answer; a client that hangs up meanwhile cancels the job."""
 
     async def pieces() -> list[Piece]:
-        return [piece async for piece in answer_pieces(job, assembler)]
+        return [piece async for piece in answer_pieces(job, assembler, spec.on_first_event)]
 
     collecting = asyncio.ensure_future(pieces())
     # With the body read, the next ASGI message is "http.disconnect", once the client leaves.
@@ -85,7 +85,7 @@ async def _collect(request: Request, job: Job, assembler: AnswerAssembler) -> li
     raise _ClientGone
 
 
-def _first_piece_hook(context: ServerContext, submitted: float):
+def _first_event_hook(context: ServerContext, submitted: float) -> Callable[[Job], None]:
     def record(job: Job) -> None:
         if job.info is not None:
             context.metrics.on_first_token(job.info, time.perf_counter() - submitted)
@@ -96,14 +96,14 @@ def _spec(context: ServerContext, prefix: str, generation: GenerationRequest, st
           logprobs: bool, submitted: float) -> StreamSpec:
     return StreamSpec(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=context.served.name,
                       prompt_tokens=len(generation.prompt_ids), include_usage=stream_usage, logprobs=logprobs,
-                      on_first_piece=_first_piece_hook(context, submitted))
+                      on_first_event=_first_event_hook(context, submitted))
 
 
-def _stream(events) -> StreamingResponse:
+def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 
 
-def build_router(auth) -> APIRouter:
+def build_router(auth: Callable[[Request], Awaitable[None]]) -> APIRouter:
     router = APIRouter()
     guarded = [Depends(auth)]
 
@@ -137,10 +137,9 @@ def build_router(auth) -> APIRouter:
         if body.stream:
             return _stream(chat_events(job, assembler, spec))
         try:
-            pieces = await _collect(request, job, assembler)
+            pieces = await _collect(request, job, assembler, spec)
         except _ClientGone:
             return Response(status_code=499)
-        spec.on_first_piece(job)
         logprobs = ChatLogprobs(content=[lp for p in pieces for lp in p.logprobs]) if body.logprobs else None
         choice = ChatChoice(message=AssistantMessage(content="".join(p.text for p in pieces)), logprobs=logprobs,
                             finish_reason=pieces[-1].finish_reason)
@@ -160,10 +159,9 @@ def build_router(auth) -> APIRouter:
         if body.stream:
             return _stream(completion_events(job, assembler, spec))
         try:
-            pieces = await _collect(request, job, assembler)
+            pieces = await _collect(request, job, assembler, spec)
         except _ClientGone:
             return Response(status_code=499)
-        spec.on_first_piece(job)
         logprobs = None
         if body.logprobs is not None:
             logprobs = CompletionLogprobs.of([lp for p in pieces for lp in p.logprobs], 0)

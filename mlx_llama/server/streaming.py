@@ -40,7 +40,7 @@ class StreamSpec:
     prompt_tokens: int
     include_usage: bool
     logprobs: bool
-    on_first_piece: Callable[[Job], None]
+    on_first_event: Callable[[Job], None]  # metrics: time to first token, cached tokens
 
 
 async def _events(job: Job, assembler: AnswerAssembler, spec: StreamSpec,
@@ -48,12 +48,8 @@ async def _events(job: Job, assembler: AnswerAssembler, spec: StreamSpec,
                   opening: BaseModel | None) -> AsyncIterator[str]:
     if opening is not None:
         yield sse(opening)
-    first = True
     try:
-        async for piece in answer_pieces(job, assembler):
-            if first:
-                first = False
-                spec.on_first_piece(job)
+        async for piece in answer_pieces(job, assembler, spec.on_first_event):
             if piece.text or piece.finish_reason or piece.token_ids or (spec.logprobs and piece.logprobs):
                 yield sse(chunk(piece))
     except GenerationFailed as e:

@@ -99,7 +99,7 @@ class EngineWorker:
         return self.error is None and self._thread.is_alive()
 
     async def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request; raises EngineDead, or what the engine's submit raised (EngineFull …)."""
+        """Queue a request; raises EngineDead, or what the engine's submit raised (QueueFull …)."""
         loop = asyncio.get_running_loop()
         command = _Submit(request, loop, loop.create_future(), asyncio.Queue())
         with self._lock:
@@ -123,13 +123,13 @@ class EngineWorker:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._apply_commands(block=not self._engine.has_work())
-                if self._engine.has_work():
+                self._apply_commands(block=not self._engine.has_work)
+                if self._engine.has_work:
                     events = self._engine.step()
                     self.steps += 1
                     self._deliver(events)
                     if self._on_step is not None:
-                        self._on_step(self._engine.load(), sum(e.token is not None for e in events))
+                        self._on_step(EngineLoad.of(self._engine), sum(e.token is not None for e in events))
         except Exception as e:  # any failure of the engine ends it; say why and fail everyone
             log.exception("the engine thread died")
             self._die(f"the engine thread died: {type(e).__name__}: {e}")
@@ -150,7 +150,7 @@ class EngineWorker:
     def _accept(self, command: _Submit) -> None:
         try:
             request_id = self._engine.submit(command.request)
-        except Exception as e:  # EngineFull, RequestRejected: the web side maps them to a status
+        except Exception as e:  # QueueFull, RequestRefused: the web side maps them to a status
             command.loop.call_soon_threadsafe(self._settle, command.accepted, None, e)
             return
         self._streams[request_id] = _Stream(command.loop, command.events)
