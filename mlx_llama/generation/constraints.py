@@ -137,9 +137,16 @@ def choice_grammar(options: Sequence[str]) -> Grammar:
 
 
 @functools.lru_cache(maxsize=4)
-def _ll_tokenizer(tokenizer_json: str, stop_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
-    # Building the token trie takes seconds for a 128k vocabulary: once per process.
+def _ll_tokenizer_of_json(tokenizer_json: str, stop_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
+    # Building the token trie takes seconds for a 128k vocabulary: once per process
+    # and tokenizer, even when it is loaded again (each CLI run in a test process).
     return llguidance.LLTokenizer(tokenizer_json, eos_token=list(stop_ids))
+
+
+@functools.lru_cache(maxsize=4)
+def _ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
+    # Serialising the tokenizer takes ~0.5 s: once per Tokenizer object (a server's one).
+    return _ll_tokenizer_of_json(tokenizer.hf_tokenizer.to_str(), tuple(sorted(tokenizer.stop_ids)))
 
 
 class ConstraintCompiler:
@@ -151,7 +158,8 @@ class ConstraintCompiler:
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
-        self._tokenizer = _ll_tokenizer(tokenizer.hf_tokenizer.to_str(), tuple(sorted(tokenizer.stop_ids)))
+        """Seconds the first time for a tokenizer (its token trie), then instant."""
+        self._tokenizer = _ll_tokenizer(tokenizer)
         self.vocab_size = vocab_size
 
     def constraint(self, grammar: Grammar) -> "GrammarConstraint":
