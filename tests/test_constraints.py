@@ -140,6 +140,15 @@ def test_repetition_penalty_path_is_constrained_too(chat, compiler) -> None:
         jsonschema.validate(json.loads(text), schema)
 
 
+def test_numpy_backend_is_constrained_too(tiny_chat_model, chat, compiler) -> None:
+    from mlx_llama.backends import load_backend
+
+    model, _ = load_backend("numpy", tiny_chat_model)
+    text, finish, _ = constrained((model, chat[1]), compiler, C.json_schema_grammar(SCHEMAS["enums"]), seed=2)
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), SCHEMAS["enums"])
+
+
 def test_any_json_object_cut_by_max_tokens_is_a_valid_prefix(chat, compiler) -> None:
     finishes = []
     for seed in range(5):
