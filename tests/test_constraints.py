@@ -94,6 +94,9 @@ UNSUPPORTED: dict[str, dict[str, Any]] = {
     "if/then": {"if": {"type": "string"}, "then": {"minLength": 2}},
     "unknown format": {"type": "string", "format": "colour"},
     "dangling $ref": {"$ref": "#/$defs/missing"},
+    "minProperties over repeatable keys": {"type": "object", "patternProperties": {"^[a-c]$": {"type": "boolean"}},
+                                           "additionalProperties": False, "minProperties": 2},
+    "look-ahead pattern": {"type": "string", "pattern": "(?=a)a"},
 }
 
 

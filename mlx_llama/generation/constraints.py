@@ -95,6 +95,14 @@ def _check_keywords(schema: Any, path: str = "") -> None:
             f"the JSON schema uses {', '.join(map(repr, unknown))} at '{path or '/'}', "
             "which is not a JSON Schema keyword the output can be held to"
         )
+    open_keys = schema.get("additionalProperties", True) is not False or "patternProperties" in schema
+    if open_keys and schema.get("minProperties", 0) > len(set(schema.get("required", []))):
+        # The matcher may repeat a pattern/additional key ({"a": 1, "a": 2}), which
+        # parses as fewer properties than it counted.
+        raise MlxLlamaError(
+            f"the JSON schema's minProperties at '{path or '/'}' cannot be enforced on keys beyond "
+            "'required' unless additionalProperties is false and there are no patternProperties"
+        )
     for sub, sub_path in _subschemas(schema, path):
         _check_keywords(sub, sub_path)
 
