@@ -109,6 +109,11 @@ class Tokenizer:
         )
 
     @property
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer`, for libraries built on it (grammar matchers)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -219,8 +219,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": user("x"), "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": user("x"), "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
-    ("/v1/chat/completions", {"messages": user("x"), "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    ("/v1/chat/completions", {"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": user("x"), "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": user("x"), "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": user("word " * 2100)}, 400, "messages"),
@@ -249,7 +249,7 @@ def test_bad_request_gets_an_error_object(server: ServerProcess, path: str, body
 def test_structured_output_refusal_says_why(server: ServerProcess) -> None:
     body = {"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
     error = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["error"]
-    assert "structured output is not supported yet" in error["message"]
+    assert "json_schema needs a schema" in error["message"]
 
 
 def test_prompt_too_long_says_so(server: ServerProcess) -> None:

@@ -12,9 +12,11 @@ from tqdm import tqdm
 
 from mlx_llama.backends import load_backend
 from mlx_llama.cli.batch_output import BatchOutput
+from mlx_llama.cli.constraint_options import constraint_options, grammar_from_options
 from mlx_llama.cli.options import cache_kwargs, model_options, parse_ids, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.batch import DEFAULT_BATCH_SIZE, BatchResult, batch_generate
+from mlx_llama.generation.constraints import ConstraintCompiler
 from mlx_llama.generation.engine import EngineConfig
 from mlx_llama.generation.loop import GenerationStats, generate_tokens
 from mlx_llama.generation.sampler import Sampler
@@ -92,6 +94,7 @@ def _notice_context_end(stats: GenerationStats, max_tokens: int, context: int) -
               help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); rank 0 prints.")
 @click.option("--pipeline-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="With --pipeline: exit with an error when the other ranks are silent this many seconds.")
+@constraint_options
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory statistics.")
 def generate_command(model_path: str, backend: str, dtype: str | None, prompt: str | None,
                      prompt_ids: str | None, prompts_file: Path | None, output: Path | None, batch_size: int,
@@ -122,6 +125,9 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
     if prompt_cache is not None:
         refuse_foreign_file(prompt_cache)
+    grammar = grammar_from_options(opts)
+    if grammar is not None and prompts_file is not None:
+        raise MlxLlamaError("output constraints (--json, --regex, ...) work with --prompt or --prompt-ids")
 
     if pipeline:
         if backend != "mlx" or prompts_file is not None or prompt_cache is not None:
@@ -136,11 +142,16 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
     max_tokens, cache_opts = opts["max_tokens"], cache_kwargs(opts)
     stats = GenerationStats()
     pc = PromptCacheFile(prompt_cache, model_path, model, lambda m: click.echo(m, err=True)) if prompt_cache else None
+    if grammar is not None and tokenizer is None:
+        raise MlxLlamaError(f"{model_path} has no tokenizer.json, which output constraints need")
+    # Built (and refused, if it cannot be enforced) before any token is generated.
+    constraint = ConstraintCompiler(tokenizer, model.config.vocab_size).constraint(grammar) if grammar else None
 
     if prompt_ids is not None:
         stop = tokenizer.stop_ids if tokenizer else model.config.eos_token_id
         tokens = generate_tokens(model, parse_ids(prompt_ids, model.config.vocab_size), max_tokens=max_tokens,
-                                 sampler=Sampler(params), stop_ids=stop, stats=stats, **cache_opts)
+                                 sampler=Sampler(params), stop_ids=stop, stats=stats, constraint=constraint,
+                                 **cache_opts)
         for tok in tokens:
             click.echo(tok)
         _notice_context_end(stats, max_tokens, model.config.max_position_embeddings)
@@ -152,7 +163,8 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             ids = _prompt_ids(tokenizer, text, system, raw)
             cache, feed = pc.start(ids, cache_opts["max_kv_size"], cache_opts["keep"]) if pc else (None, ids)
             tokens = generate_tokens(model, feed, max_tokens=max_tokens, sampler=Sampler(params),
-                                     stop_ids=tokenizer.stop_ids, stats=stats, cache=cache, **cache_opts)
+                                     stop_ids=tokenizer.stop_ids, stats=stats, cache=cache, constraint=constraint,
+                                     **cache_opts)
             yield from stream_text(tokens, tokenizer, stop_strings)
             if pc:
                 pc.store(cache, ids)  # the cache's first len(ids) positions hold the prompt
@@ -162,6 +174,8 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
                 click.echo(piece, nl=False)
             click.echo()
             _notice_context_end(stats, max_tokens, model.config.max_position_embeddings)
+            if constraint is not None and stats.finish_reason == "length":
+                click.echo("the output was cut at --max-tokens before the constraint was complete", err=True)
         else:
             ids = [_prompt_ids(tokenizer, text, system, raw) if text else [] for text in prompts]
             # Chunks of --prefill-step-size, as `generate -p` feeds them: an answer here is the one

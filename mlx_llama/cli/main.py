@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("mlx_llama.cli.info:info_command", "Show versions, device, BLAS, quantized-matmul kernel, CPU."),
     "demo": ("mlx_llama.cli.demo:demo_command",
              "Random checkpoint → convert → generate → cross-check, offline."),
-    "serve": ("mlx_llama.cli.serve:serve_command", "Serve a model over the OpenAI API (chat and text completions)."),
+    "serve": ("mlx_llama.cli.serve:serve_command",
+              "Serve a model over the OpenAI API (chat and text completions, streaming)."),
 }
 
 

@@ -95,6 +95,7 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     from mlx_llama.server.app import create_app
     from mlx_llama.server.metrics import ServerMetrics
     from mlx_llama.server.prompts import ServedModel
+    from mlx_llama.server import structured
     from mlx_llama.server.worker import EngineWorker
 
     key = _api_key(api_key, api_key_file)
@@ -112,6 +113,7 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
         eos_ids=frozenset(model.config.eos_token_id), created=int(time.time()),
         generation_config=model.generation_config,
     )
+    structured.prepare(tokenizer, model.config.vocab_size)  # response_format's matcher, built meanwhile
     metrics = ServerMetrics()
     worker = EngineWorker(Engine(model, config), on_step=metrics.on_step)
     app = create_app(served, worker, metrics, api_key=key, cors_origins=cors_origins)

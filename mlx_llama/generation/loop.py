@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.requests import TokenConstraint
 from mlx_llama.generation.sampler import Sampler, SamplingParams
 from mlx_llama.interfaces import KVCache, LanguageModel
 
@@ -89,6 +90,7 @@ def generate_tokens(
     cache: list[KVCache] | None = None,
     stop_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids for `prompt_ids`.
 
@@ -97,7 +99,8 @@ def generate_tokens(
     `prompt_ids` are the tokens that continue what the cache already holds (chat
     turns); otherwise a fresh cache is made (rotating when `max_kv_size` is set,
     keeping the first `keep` tokens).  Generation stops after yielding a token in
-    `stop_ids` or after `max_tokens` tokens.
+    `stop_ids` or after `max_tokens` tokens.  A `constraint` masks each draw to
+    the tokens it allows and ends generation (finish "stop") when it is done.
     """
     if sampler is None:
         sampler = Sampler(SamplingParams())
@@ -111,12 +114,12 @@ def generate_tokens(
         room = model.config.max_position_embeddings - cache[0].offset - len(prompt_ids)
         max_tokens = min(max_tokens, room)
     return _decode_loop(model, cache, list(prompt_ids), sampler, max_tokens, prefill_step_size,
-                        frozenset(stop_ids), stats if stats is not None else GenerationStats())
+                        frozenset(stop_ids), stats if stats is not None else GenerationStats(), constraint)
 
 
 def _decode_loop(
     model: LanguageModel, cache: Sequence[KVCache], prompt: list[int], sampler: Sampler, max_tokens: int,
-    step: int, stop_ids: frozenset[int], stats: GenerationStats,
+    step: int, stop_ids: frozenset[int], stats: GenerationStats, constraint: TokenConstraint | None,
 ) -> Iterator[int]:
     xp = model.xp
     if xp is mx:
@@ -131,7 +134,15 @@ def _decode_loop(
     def forward(token: Any) -> Any:
         return model(xp.reshape(token, (1, 1)), cache, last_only=True)[0, -1]
 
-    token = sampler(xp, logits, history)
+    def draw(logits: Any) -> Any:
+        if constraint is not None:
+            allowed = constraint.allowed()
+            if not allowed.any():
+                raise MlxLlamaError("the output constraint allows no next token")
+            logits = xp.where(xp.array(allowed), logits, xp.array(float("-inf"), dtype=logits.dtype))
+        return sampler(xp, logits, history)
+
+    token = draw(logits)
     _sync(xp, token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - t0
@@ -141,20 +152,27 @@ def _decode_loop(
     try:
         for n in range(max_tokens):
             logits = forward(token)  # feeds `token` to the cache (lazily)
-            if lookahead:
+            done = False
+            if constraint is not None:
+                # The forward pass runs while the matcher takes the token and, in
+                # draw(), computes the next mask.
+                _start(xp, logits)
+                constraint.advance(int(token.item()))
+                done = constraint.is_done()
+            if lookahead and not done:
                 # Start the next step before handing this token to Python.
-                next_token = sampler(xp, logits, history)
+                next_token = draw(logits)
                 _start(xp, next_token)
             tok = int(token.item())
             history = np.append(history, tok)
             stats.generation_tokens = n + 1
             stats.generation_seconds = time.perf_counter() - t1
             yield tok
-            if tok in stop_ids:
+            if tok in stop_ids or done:
                 stats.finish_reason = "stop"
                 return
             if not lookahead:
-                next_token = sampler(xp, logits, history)
+                next_token = draw(logits)
                 _sync(xp, next_token)
             token = next_token
     finally:

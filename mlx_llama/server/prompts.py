@@ -131,5 +131,6 @@ def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: S
         top_logprobs = request.logprobs
     return GenerationRequest(
         prompt_ids=list(prompt_ids), max_tokens=min(limit, room), sampling=sampling,
-        stop_ids=served.stop_ids, top_logprobs=top_logprobs, constraint=constraint_for(request),
+        stop_ids=served.stop_ids, top_logprobs=top_logprobs,
+        constraint=constraint_for(request, served.tokenizer, served.vocab_size),
     )
