@@ -74,6 +74,9 @@ class World:
             pass
         (self.home / "notes.txt").write_text("the user's notes\n")
         (self.home / "prompts.txt").write_text("hello\n")
+        # serve's model: it always fails to load, so a run ends after option checks instead of serving
+        (self.home / "unloadable_model").mkdir()
+        (self.home / "unloadable_model" / "config.json").write_text("{")
         (self.home / "ids.txt").write_text(" ".join(str(i) for i in range(3, 40)) + "\n")
         (self.home / "existing_dir").mkdir()
         (self.home / "existing_dir" / "keep.txt").write_text("keep me\n")
@@ -197,6 +200,7 @@ def base_args(name: str, world: World) -> dict[str, Any]:
         "bench": {"--model": model, "--n-prompt": "4", "--n-gen": "2", "--repetitions": "1", "--no-warmup": True},
         "convert": {"SOURCE": model, "--out-dir": str(world.home / "new_output")},
         "perplexity": {"--model": model, "--ids": str(world.home / "ids.txt"), "--ctx": "8"},
+        "serve": {"--model": str(world.home / "unloadable_model"), "--port": "9"},
         "info": {},
         "demo": {"--dir": str(world.home / "existing_dir")},  # refused after parsing: a full run takes seconds
     }[name]
@@ -205,7 +209,7 @@ def base_args(name: str, world: World) -> dict[str, Any]:
 # Combinations that are valid but mean unbounded work (see the module docstring).
 _LONG_WORK = [({"--max-kv-size"}, {"--max-tokens", "--tokens"}), (set(), {"--repetitions"})]
 _SKIPPED_OPTIONS = {"generate": {"--prompts-file", "--output", "--force"}, "demo": {"--preset", "--dir"},
-                    "convert": {"--force"}}
+                    "convert": {"--force"}, "serve": {"--model"}}
 
 
 def _argv(name: str, options: dict[str, Any]) -> list[str]:
