@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.model_dir import looks_like_repo_id
 
 # Only what a conversion reads; never pickles, never code.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.jinja"]

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mlx_llama.config import ModelConfig
+from mlx_llama.config import ModelConfig, read_json_object
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.files import check_readable, read_text
+from mlx_llama.model_dir import looks_like_repo_id
 from . import hub
 from .layout import expected_tensors, is_ignorable
 from .safetensors_io import CODE_TO_NAME, FLOAT_DTYPES, INDEX, TensorRef, read_header
@@ -35,7 +36,7 @@ def source_name(source: str) -> str:
         return p.resolve().name
     if p.exists():
         raise MlxLlamaError(f"{source} is a file; SOURCE must be a model directory or a hub repo id")
-    if not hub.looks_like_repo_id(source):
+    if not looks_like_repo_id(source):
         raise MlxLlamaError(f"{source!r} is neither a directory nor a Hugging Face repo id like org/name")
     if p.parent.is_dir():
         # org/name where ./org is a local folder: almost surely a mistyped path, not a hub repo
@@ -65,13 +66,7 @@ def validate(path: Path, name: str | None = None) -> Source:
     check_readable(path)
     if not (path / "config.json").is_file():
         raise MlxLlamaError(f"{path} has no config.json: not a Hugging Face model directory")
-    text = read_text(path / "config.json")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MlxLlamaError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise MlxLlamaError(f"{path / 'config.json'} must hold a JSON object")
+    raw = read_json_object(path / "config.json")
     cfg = ModelConfig.from_dict(raw)
     if cfg.quantization or raw.get("quantization_config"):
         raise MlxLlamaError(f"{path.name} is already quantized; convert from the original float checkpoint")

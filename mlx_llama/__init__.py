@@ -20,7 +20,6 @@ _EXPORTS = {
     "stream_text": "mlx_llama.generation.text",
     "Tokenizer": "mlx_llama.tokenizer",
     "MlxLlamaError": "mlx_llama.errors",
-    "batch_generate": "mlx_llama.generation.batch",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -87,15 +87,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        text = read_text(path)
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise MlxLlamaError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json_object(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         """The transformers-4 dialect (`rope_theta` + `rope_scaling`), which mlx-lm reads."""
@@ -192,11 +184,13 @@ def token_ids(value: Any) -> list[int]:
 
 def read_optional_json(path: Path) -> dict[str, Any]:
     """A side file such as generation_config.json: {} when absent, a clear error when malformed."""
-    if not path.is_file():
-        return {}
-    text = read_text(path)
+    return read_json_object(path) if path.is_file() else {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; one-line errors for unreadable, invalid or non-object files."""
     try:
-        data = json.loads(text)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise MlxLlamaError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

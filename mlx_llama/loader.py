@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_llama.kernels import extension, qmatmul
+from mlx_llama.kernels import extension
 from mlx_llama.config import ModelConfig
 from mlx_llama.model_dir import IGNORED_TENSOR_SUFFIXES, ModelDir
 from mlx_llama.errors import MlxLlamaError

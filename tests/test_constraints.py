@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jsonschema
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_llama.kernels import extension, ops as fused, qmatmul
+from mlx_llama.kernels import extension, ops as fused
 from mlx_llama.loader import load_model
 from mlx_llama.model.rope import inverse_frequencies
 
