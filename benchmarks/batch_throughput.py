@@ -217,9 +217,10 @@ def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         keys = runs[0]["batches"][B]
         out["batches"][B] = {k: statistics.median(r["batches"][B][k] for r in runs) for k in keys
                              if all(isinstance(r["batches"][B][k], (int, float)) for r in runs)}
-    for extra in ("gap", "max_rss_gb", "kv_mib"):
-        if extra in runs[0]:
-            out[extra] = runs[0][extra] if len(runs) == 1 else runs[-1][extra]
+    for extra in ("gap", "max_rss_gb", "kv_mib"):  # measured in some rounds only: the latest one
+        found = [r[extra] for r in runs if extra in r]
+        if found:
+            out[extra] = found[-1]
     out["rounds"] = len(runs)
     return out
 
