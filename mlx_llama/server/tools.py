@@ -64,8 +64,8 @@ def check_tools(request: ChatCompletionRequest) -> None:
     """Refuse the deprecated function API and combinations a tool call cannot honour."""
     for name in ("functions", "function_call"):
         if getattr(request, name) is not None:
-            raise field_error(name, "the deprecated function-calling API is not supported; use tools and tool_choice",
-                       "unsupported_parameter")
+            raise field_error(name, "the deprecated function-calling API is not supported; "
+                              "use tools and tool_choice", "unsupported_parameter")
     names = [t.function.name for t in request.tools or []]
     if len(set(names)) != len(names):
         raise field_error("tools", "two tools have the same name")
@@ -111,16 +111,20 @@ def tool_grammar(request: ChatCompletionRequest) -> Grammar | None:
     mode, tools = _mode(request)
     if mode == "none":
         return None
-    try:
-        call = json_schema_grammar(_call_schema(tools))
-    except MlxLlamaError as e:
-        raise field_error("tools", f"a parameters schema {str(e).removeprefix('the JSON schema ')}") from None
+    for t in tools:  # each on its own first, so that an error names the tool and a path in its schema
+        try:
+            json_schema_grammar(_parameters(t))
+        except MlxLlamaError as e:
+            why = str(e).removeprefix("the JSON ")
+            raise field_error("tools", f"{t.function.name}: the parameters' {why}") from None
+    call = json_schema_grammar(_call_schema(tools))
+    what = "the tools' parameters schemas"
     if mode == "required":
-        return call
+        return Grammar(call.source, what)
     # json_schema_grammar's source holds the checked schema with its spacing options (x-guidance).
     checked = json.loads(call.source)["grammars"][0]["json_schema"]
     text = 'start: TEXT | call\nTEXT: /[^{](?s:.)*/\ncall: %json ' + json.dumps(checked)
-    return Grammar(lark_grammar(text).source, "the tool-call grammar")
+    return Grammar(lark_grammar(text).source, what)
 
 
 @dataclass
