@@ -143,14 +143,13 @@ class Tokenizer:
                             tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The prompt text; `tools` are OpenAI-style definitions ({"type": "function", "function": ...})."""
         extra: dict[str, Any] = {}
-        if self.template_renders_tools:
-            extra["tools"] = list(tools) if tools else None
-            messages = list(messages)
-        else:
+        if not self.template_renders_tools:
             messages = plain_messages(messages, tools)
+        elif tools:
+            extra["tools"] = list(tools)
         try:
             return self._template.render(
-                messages=messages,
+                messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
