@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -64,3 +65,9 @@ class ServerProcess:
         status = self.stop()
         assert status in (0, -signal.SIGTERM), self.output()
         assert "engine stopped" in self.output(), self.output()
+
+
+def generated_tokens(server: ServerProcess) -> float:
+    """The server's count of generated tokens (/metrics): a refused request must not move it."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^mlx_llama_generated_tokens_total (\S+)$", text, re.M).group(1))

@@ -7,15 +7,13 @@ The model is a tiny random one with the real Llama-3 tokenizer: only the constra
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import httpx
 import jsonschema
 import pytest
 
-from serve_process import ServerProcess
+from serve_process import ServerProcess, generated_tokens
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -53,11 +51,6 @@ def ask(client: Any, **kw: Any) -> Any:
     kw.setdefault("max_tokens", 160)
     return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Plan a trip"}],
                                           temperature=1.0, **kw)
-
-
-def generated_tokens(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return float(re.search(r"^mlx_llama_generated_tokens_total (\S+)$", text, re.M).group(1))
 
 
 def test_json_schema_answers_validate(client: Any) -> None:

@@ -16,8 +16,8 @@ import httpx
 import jsonschema
 import pytest
 
-from serve_process import ServerProcess
-from test_serve_structured import generated_tokens
+from mlx_llama.tokenizer import Tokenizer
+from serve_process import ServerProcess, generated_tokens
 
 openai = pytest.importorskip("openai")
 
@@ -50,6 +50,13 @@ def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                          "--model-name", "tiny")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model: Path) -> Tokenizer:
+    tok = Tokenizer.from_dir(tiny_chat_model)
+    assert tok is not None
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def test_stream_reassembles_to_the_same_call(client: Any) -> None:
     check_call(plain, set(PARAMETERS))
 
 
-def test_follow_up_with_the_tool_result(client: Any) -> None:
+def test_follow_up_with_the_tool_result(client: Any, tokenizer: Tokenizer) -> None:
     first = ask(client, seed=2, tool_choice="required")
     call = first.choices[0].message.tool_calls[0]
     history = QUESTION + [
@@ -108,7 +115,13 @@ def test_follow_up_with_the_tool_result(client: Any) -> None:
     ]
     again = ask(client, history, seed=3, tool_choice="required")
     check_call(again.choices[0].message.tool_calls[0], set(PARAMETERS))
-    assert again.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+    # The history went through the template: the call as the template takes it, the result as a tool turn.
+    rendered = QUESTION + [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": call.function.name, "arguments": json.loads(call.function.arguments)}}]},
+        {"role": "tool", "content": json.dumps({"temperature": 21})},
+    ]
+    assert again.usage.prompt_tokens == len(tokenizer.encode_chat(rendered, tools=TOOLS))
     text = ask(client, history, seed=3, tool_choice="none", max_tokens=5).choices[0]
     assert text.message.tool_calls is None and isinstance(text.message.content, str)
 
