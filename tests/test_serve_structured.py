@@ -7,13 +7,13 @@ The model is a tiny random one with the real Llama-3 tokenizer: only the constra
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import jsonschema
 import pytest
 
 from serve_process import ServerProcess, generated_tokens
+from serve_process import tiny_client, tiny_server  # noqa: F401  (the fixtures)
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -28,19 +28,6 @@ SCHEMA = {
     "required": ["city", "days", "tags"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_chat_model, tmp_path_factory.mktemp("serve") / "server.log", "--parallel", "4",
-                         "--model-name", "tiny")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Any:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def schema_format(schema: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import jsonschema
@@ -18,6 +18,7 @@ import pytest
 
 from mlx_llama.tokenizer import Tokenizer
 from serve_process import ServerProcess, generated_tokens
+from serve_process import tiny_client, tiny_server  # noqa: F401  (the fixtures)
 
 openai = pytest.importorskip("openai")
 
@@ -45,23 +46,10 @@ QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_chat_model, tmp_path_factory.mktemp("serve") / "server.log", "--parallel", "4",
-                         "--model-name", "tiny")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_chat_model: Path) -> Tokenizer:
     tok = Tokenizer.from_dir(tiny_chat_model)
     assert tok is not None
     return tok
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Any:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def ask(client: Any, messages: list[Any] = QUESTION, **kw: Any) -> Any:

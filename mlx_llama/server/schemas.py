@@ -15,9 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
+    """A request or a part of one: strictly typed; unknown fields ignored (see above)."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
+
+class _Request(_Body):
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -38,39 +42,29 @@ class _Request(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class CalledFunction(_Body):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class RequestToolCall(BaseModel):
+class RequestToolCall(_Body):
     """A tool call in the history: an earlier answer of ours, sent back."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     id: str
     type: Literal["function"]
     function: CalledFunction
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for an assistant turn that called tools
     tool_calls: list[RequestToolCall] | None = None  # assistant turns
@@ -82,31 +76,23 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class FunctionDefinition(_Body):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule; it also keeps names JSON-plain
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
     strict: bool | None = None  # every schema is enforced exactly, strict or not
 
 
-class ToolDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class ToolDefinition(_Body):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class FunctionName(_Body):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class NamedToolChoice(_Body):
     type: Literal["function"]
     function: FunctionName
 
