@@ -43,6 +43,7 @@ def tool(name: str, parameters: Any = None) -> dict[str, Any]:
 TOOLS = [tool("get_weather", WEATHER), tool("add", ADD), tool("now")]
 PARAMETERS = {"get_weather": WEATHER, "add": ADD, "now": NO_PARAMETERS}
 QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
+ADD_ONLY = {"name": "add"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,10 @@ def test_required_call_validates(client: Any, seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_named_function_is_the_one_called(client: Any, seed: int) -> None:
-    choice = ask(client, seed=seed, tool_choice={"type": "function", "function": {"name": "add"}}).choices[0]
+    """Only the named tool can be called, so only its schema needs to be enforceable."""
+    unenforceable = tool("g", {"type": "object", "not": {}})
+    choice = ask(client, seed=seed, tools=TOOLS + [unenforceable],
+                 tool_choice={"type": "function", "function": ADD_ONLY}).choices[0]
     assert choice.finish_reason == "tool_calls", choice
     check_call(choice.message.tool_calls[0], {"add"})
 
@@ -138,6 +142,8 @@ def test_auto_stream_of_text_has_no_tool_calls(client: Any) -> None:
     ({"tools": [tool("f", {"type": "object", "properties": {"n": {"type": "integer", "minimun": 1}}})]},
      "tools"),
     ({"tools": [tool("f", {"type": "string"})]}, "tools"),
+    ({"tools": [tool("f", {"type": "object", "properties": {"n": {"$ref": "#"}}})]}, "tools"),
+    ({"tools": TOOLS + [tool("g", {"not": {}})]}, "tools"),
     ({"tools": [tool("f"), tool("f")]}, "tools"),
     ({"tools": [tool("bad name")]}, "tools.0.function.name"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
@@ -163,3 +169,25 @@ def test_history_with_bad_tool_call_arguments_is_refused(server: ServerProcess) 
         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{not json"}}]}]
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": history, "max_tokens": 4}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_pydantic_tool_with_definitions(client: Any) -> None:
+    """The client's `pydantic_function_tool` writes $defs and $refs to them: they resolve inside a call."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Place(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=10)
+
+    class Book(pydantic.BaseModel):
+        where: Place
+        nights: int = pydantic.Field(ge=1, le=9)
+
+    spec = openai.pydantic_function_tool(Book)
+    assert "$defs" in spec["function"]["parameters"]
+    for seed in range(3):
+        answer = ask(client, tools=[spec, TOOLS[0]], tool_choice="required", seed=seed)
+        call = answer.choices[0].message.tool_calls[0]
+        if call.function.name == "Book":
+            Book.model_validate_json(call.function.arguments)
+        else:
+            check_call(call, {"get_weather"})

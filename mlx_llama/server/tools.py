@@ -3,15 +3,17 @@ grammar the answer must follow; the answer's text → `tool_calls`, plain or str
 
 A call is written as Llama 3.1's JSON tool calling writes it (mlx_llama.tool_prompt),
 `{"name": "get_weather", "parameters": {"city": "Oslo"}}`, under a constraint built
-from the declared tools (through `constraints.json_schema_grammar`, so every
-parameters schema passes the same checks as `response_format`'s, and one it cannot
-enforce is a 400 before any token):
+from the declared tools: each tool's call is a JSON schema ({"name": {"const": ...},
+"parameters": <its schema>}) made by `constraints.json_schema_grammar`, so every
+parameters schema passes the same checks as `response_format`'s and one that cannot
+be enforced is a 400 before any token; a Lark grammar holds them as alternatives
+(one `%json` each, so each keeps its own `$defs`):
 
-- `tool_choice` "required", or a named function: the whole answer is one call,
-  an `anyOf` over the tools allowed ({"name": {"const": ...}, "parameters": ...});
-- "auto" (the default with tools): a Lark grammar lets the answer be either that
-  call or text that does not start with "{" (so its first character says which,
-  and a streamed answer can be told apart at once);
+- `tool_choice` "required", or a named function: the whole answer is one call of
+  the tools allowed (all, or the named one);
+- "auto" (the default with tools): the answer is either such a call or text that
+  does not start with "{" (so its first character says which, and a streamed
+  answer can be told apart at once);
 - "none": tools are not rendered and the answer is free text.
 
 One call per answer (Llama 3.x makes one at a time); `parallel_tool_calls` is
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.constraints import Grammar, json_schema_grammar, lark_grammar
@@ -40,6 +42,8 @@ Mode = Literal["none", "auto", "required"]
 _HEAD = '{"name": "'
 _SEPARATOR = '", "parameters": '
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+_ROOT_KEYWORDS = ("$schema", "$defs", "definitions")  # a parameters schema's, moved to the call's root
+_MOVABLE_REFS = ("#/$defs/", "#/definitions/")
 
 
 def _mode(request: ChatCompletionRequest) -> tuple[Mode, list[ToolDefinition]]:
@@ -90,7 +94,7 @@ def may_call(request: ChatCompletionRequest) -> bool:
     return _mode(request)[0] != "none"
 
 
-def _parameters(tool: ToolDefinition) -> Any:
+def _parameters(tool: ToolDefinition) -> dict[str, Any]:
     schema = tool.function.parameters
     if schema is None:
         return _NO_PARAMETERS
@@ -99,32 +103,58 @@ def _parameters(tool: ToolDefinition) -> Any:
     return {"type": "object", **schema}
 
 
-def _call_schema(tools: list[ToolDefinition]) -> dict[str, Any]:
-    calls = [{"type": "object",
-              "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+def _refs(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key == "$ref" and isinstance(sub, str):
+                yield sub
+            else:
+                yield from _refs(sub)
+    elif isinstance(value, list):
+        for sub in value:
+            yield from _refs(sub)
+
+
+def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
+    """The JSON schema of a call of `tool`, checked as `response_format`'s are, spacing options included.
+
+    The parameters' definitions move to the call's root, where their `$ref`s ("#/$defs/...",
+    as pydantic writes them) still resolve; a `$ref` to anything else in the parameters cannot.
+    """
+    name, parameters = tool.function.name, _parameters(tool)
+    try:
+        json_schema_grammar(parameters)  # on its own first, so that an error names the tool and a path in it
+    except MlxLlamaError as e:
+        raise field_error("tools", f"{name}: the parameters' {str(e).removeprefix('the JSON ')}") from None
+    stray = [r for r in _refs(parameters) if not r.startswith(_MOVABLE_REFS)]
+    if stray:
+        raise field_error("tools", f"{name}: the parameters' $ref {stray[0]!r} cannot be resolved inside a call "
+                          "(refer to $defs or definitions)")
+    at_root = {k: v for k, v in parameters.items() if k in _ROOT_KEYWORDS}
+    inner = {k: v for k, v in parameters.items() if k not in _ROOT_KEYWORDS}
+    call = {"type": "object", "properties": {"name": {"const": name}, "parameters": inner},
+            "required": ["name", "parameters"], "additionalProperties": False, **at_root}
+    # json_schema_grammar's source (llguidance's grammar format) holds the checked schema with its
+    # spacing options (x-guidance), ready to embed in a Lark grammar.
+    return json.loads(json_schema_grammar(call).source)["grammars"][0]["json_schema"]
 
 
 def tool_grammar(request: ChatCompletionRequest) -> Grammar | None:
-    """The grammar of the answer; None when it is free text."""
-    mode, tools = _mode(request)
+    """The grammar of the answer; None when it is free text.
+
+    Every tool the answer may call must be enforceable; with a named tool_choice, the others
+    cannot be called, so their schemas are only rendered in the prompt.
+    """
+    mode, callable_tools = _mode(request)
     if mode == "none":
         return None
-    for t in tools:  # each on its own first, so that an error names the tool and a path in its schema
-        try:
-            json_schema_grammar(_parameters(t))
-        except MlxLlamaError as e:
-            why = str(e).removeprefix("the JSON ")
-            raise field_error("tools", f"{t.function.name}: the parameters' {why}") from None
-    call = json_schema_grammar(_call_schema(tools))
-    what = "the tools' parameters schemas"
+    rules = [f"call_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(callable_tools)]
+    alternatives = " | ".join(f"call_{i}" for i in range(len(rules)))
     if mode == "required":
-        return Grammar(call.source, what)
-    # json_schema_grammar's source holds the checked schema with its spacing options (x-guidance).
-    checked = json.loads(call.source)["grammars"][0]["json_schema"]
-    text = 'start: TEXT | call\nTEXT: /[^{](?s:.)*/\ncall: %json ' + json.dumps(checked)
-    return Grammar(lark_grammar(text).source, what)
+        start = [f"start: {alternatives}"]
+    else:
+        start = [f"start: TEXT | {alternatives}", "TEXT: /[^{](?s:.)*/"]
+    return Grammar(lark_grammar("\n".join(start + rules)).source, "the tools' parameters schemas")
 
 
 @dataclass
