@@ -87,15 +87,20 @@ def test_named_function_is_the_one_called(client: Any, seed: int) -> None:
 
 def test_stream_reassembles_to_the_same_call(client: Any) -> None:
     plain = ask(client, seed=11, tool_choice="required").choices[0].message.tool_calls[0]
-    chunks = list(ask(client, seed=11, tool_choice="required", stream=True))
-    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert all(not c.choices[0].delta.content for c in chunks if c.choices)
+    chunks = list(ask(client, seed=11, tool_choice="required", stream=True, logprobs=True,
+                      stream_options={"include_usage": True}))
+    choices = [c.choices[0] for c in chunks if c.choices]
+    deltas = [d for choice in choices for d in choice.delta.tool_calls or []]
+    assert all(not choice.delta.content for choice in choices)
     assert deltas[0].id.startswith("call_") and deltas[0].type == "function" and deltas[0].function.name
     assert all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert choices[-1].finish_reason == "tool_calls"
     arguments = "".join(d.function.arguments or "" for d in deltas)
     assert (deltas[0].function.name, arguments) == (plain.function.name, plain.function.arguments)
     check_call(plain, set(PARAMETERS))
+    # Tokens held back until the call's name is whole still send their logprobs, once each.
+    sent = sum(len(choice.logprobs.content) for choice in choices if choice.logprobs)
+    assert sent == chunks[-1].usage.completion_tokens
 
 
 def test_follow_up_with_the_tool_result(client: Any, tokenizer: Tokenizer) -> None:

@@ -68,7 +68,7 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for an assistant turn that called tools
     tool_calls: list[RequestToolCall] | None = None  # assistant turns
-    tool_call_id: str | None = None  # tool turns: the call this is the result of
+    tool_call_id: str | None = None  # tool turns: accepted; Llama 3.1's format has no call ids
 
     def text(self) -> str:
         if self.content is None:
