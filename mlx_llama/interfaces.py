@@ -17,9 +17,25 @@ import numpy as np
 from mlx_llama.config import ModelConfig
 
 
-class Message(TypedDict):
-    role: str  # "system", "user" or "assistant"
+class ToolCallFunction(TypedDict):
+    name: str
+    arguments: dict[str, Any]  # parsed, as chat templates expect (they `tojson` it)
+
+
+class ToolCall(TypedDict):
+    type: str  # "function"
+    function: ToolCallFunction
+
+
+class _MessageFields(TypedDict):
+    role: str  # "system", "user", "assistant" or "tool" (a tool's result)
     content: str
+
+
+class Message(_MessageFields, total=False):
+    # An assistant turn that called tools.  Hugging Face's convention: absent otherwise, not
+    # empty, since templates test `'tool_calls' in message`.
+    tool_calls: list[ToolCall]
 
 
 @runtime_checkable
@@ -100,9 +116,11 @@ class TokenizerLike(Protocol):
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str: ...
 
-    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]: ...
 
     def detokenizer(self) -> Detokenizer: ...
 

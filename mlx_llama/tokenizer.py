@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
@@ -16,6 +17,7 @@ from mlx_llama.config import ModelConfig, read_optional_json, token_ids
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.files import check_readable, read_text
 from mlx_llama.interfaces import Message
+from mlx_llama.tool_prompt import plain_messages
 
 
 def _token_text(value: Any) -> str | None:
@@ -44,6 +46,12 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    # Plain JSON as transformers renders it: jinja2's own tojson HTML-escapes <, >, & and '.
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class Tokenizer:
     """Wraps a `tokenizer.json`; knows the model's stop tokens and chat template."""
 
@@ -68,8 +76,12 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
+        source = chat_template or LLAMA3_CHAT_TEMPLATE
         try:
-            self._template = env.from_string(chat_template or LLAMA3_CHAT_TEMPLATE)
+            self._template = env.from_string(source)
+            # A template that reads `tools` renders them (Llama 3.1+); others get tool_prompt's rewrite.
+            self.template_renders_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
         except TemplateError as e:
             raise MlxLlamaError(f"the model's chat template does not parse: {e}") from None
 
@@ -127,19 +139,29 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text; `tools` are OpenAI-style definitions ({"type": "function", "function": ...})."""
+        extra: dict[str, Any] = {}
+        if not self.template_renders_tools:
+            messages = plain_messages(messages, tools)
+        elif tools:
+            extra["tools"] = list(tools)
         try:
             return self._template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **extra,
             )
         except TemplateError as e:
             raise MlxLlamaError(f"chat template error: {e}") from None
 
-    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tools=tools))
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)

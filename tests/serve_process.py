@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -64,3 +67,26 @@ class ServerProcess:
         status = self.stop()
         assert status in (0, -signal.SIGTERM), self.output()
         assert "engine stopped" in self.output(), self.output()
+
+
+def generated_tokens(server: ServerProcess) -> float:
+    """The server's count of generated tokens (/metrics): a refused request must not move it."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^mlx_llama_generated_tokens_total (\S+)$", text, re.M).group(1))
+
+
+# Fixtures of the response_format and tools tests (a module imports them to use them): a server of
+# the tiny chat model with 4 slots, named "tiny", and the official `openai` client on it.
+
+@pytest.fixture(scope="module", name="server")
+def tiny_server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tiny_chat_model, tmp_path_factory.mktemp("serve") / "server.log", "--parallel", "4",
+                         "--model-name", "tiny")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", name="client")
+def tiny_client(server: ServerProcess) -> Any:
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

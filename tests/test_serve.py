@@ -221,7 +221,7 @@ BAD_REQUESTS = [
      "stream_options"),
     ("/v1/chat/completions", {"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format"),
-    ("/v1/chat/completions", {"messages": user("x"), "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": user("x"), "tools": [{"type": "function"}]}, 400, "tools.0.function"),
     ("/v1/chat/completions", {"messages": user("x"), "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": user("word " * 2100)}, 400, "messages"),
     ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),

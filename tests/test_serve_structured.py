@@ -7,15 +7,13 @@ The model is a tiny random one with the real Llama-3 tokenizer: only the constra
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-import httpx
 import jsonschema
 import pytest
 
-from serve_process import ServerProcess
+from serve_process import ServerProcess, generated_tokens
+from serve_process import tiny_client, tiny_server  # noqa: F401  (the fixtures)
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -32,19 +30,6 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_chat_model, tmp_path_factory.mktemp("serve") / "server.log", "--parallel", "4",
-                         "--model-name", "tiny")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Any:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def schema_format(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema, "strict": True}}
 
@@ -53,11 +38,6 @@ def ask(client: Any, **kw: Any) -> Any:
     kw.setdefault("max_tokens", 160)
     return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Plan a trip"}],
                                           temperature=1.0, **kw)
-
-
-def generated_tokens(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return float(re.search(r"^mlx_llama_generated_tokens_total (\S+)$", text, re.M).group(1))
 
 
 def test_json_schema_answers_validate(client: Any) -> None:

@@ -7,7 +7,8 @@ Split by role, as llama.cpp's server is:
 - `worker`       the engine thread: owns MLX, takes submissions and cancels from a task queue
 - `schemas`      pydantic request bodies (validation) and response bodies
 - `prompts`      an OpenAI request → a `GenerationRequest` (chat template, limits, sampling)
-- `structured`   what `response_format` / `tools` do (refused until constrained decoding lands)
+- `structured`   the constraint a chat answer follows (`response_format` or `tools`)
+- `tools`        tool calls: the tools' prompt and grammar, the answer's text → `tool_calls`
 - `completion`   token events → text pieces (detokenizing, stop strings, logprobs, usage)
 - `streaming`    server-sent events as OpenAI's clients parse them
 - `errors`       OpenAI-style error objects for every failure

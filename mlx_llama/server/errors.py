@@ -32,6 +32,11 @@ class ApiError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def field_error(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    """A 400 about one request field, named first in the message."""
+    return ApiError(400, f"{param}: {message}", param=param, code=code)
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}

@@ -7,6 +7,7 @@ and the sampling fields we do not implement (refused, never ignored).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,8 +17,9 @@ from mlx_llama.generation.requests import GenerationRequest
 from mlx_llama.generation.sampler import SamplingParams
 from mlx_llama.interfaces import Message, TokenizerLike
 from mlx_llama.server.errors import ApiError
-from mlx_llama.server.schemas import ChatCompletionRequest, CompletionRequest
+from mlx_llama.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from mlx_llama.server.structured import constraint_for
+from mlx_llama.server.tools import check_tools, prompt_tools
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 
@@ -63,21 +65,45 @@ def check_request(request: AnyRequest, served: ServedModel) -> None:
             raise _unsupported("suffix", "not supported (no fill-in-the-middle)")
         if request.best_of not in (None, 1):
             raise _unsupported("best_of", "only best_of=1 is supported")
-    elif request.top_logprobs is not None and not request.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    else:
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        check_tools(request)
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options needs stream: true", param="stream_options", code="invalid_value")
+
+
+def _template_message(index: int, m: ChatMessage) -> Message:
+    """A request message as chat templates take it (tool-call arguments parsed, as they `tojson` them)."""
+    where = f"messages[{index}]"
+    if m.tool_calls is not None and m.role != "assistant":
+        raise ApiError(400, f"{where}: only assistant messages carry tool_calls", param="messages",
+                       code="invalid_value")
+    if m.content is None and not m.tool_calls:
+        raise ApiError(400, f"{where}: content is required", param="messages", code="invalid_value")
+    message: Message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ApiError(400, f"{where}: the arguments of tool call {call.id!r} are not a JSON object",
+                               param="messages", code="invalid_value")
+            calls.append({"type": "function", "function": {"name": call.function.name, "arguments": arguments}})
+        message["tool_calls"] = calls
+    return message
 
 
 def chat_prompt_ids(request: ChatCompletionRequest, served: ServedModel) -> list[int]:
     if served.tokenizer is None:
         raise ApiError(400, f"{served.name} has no tokenizer, so it cannot chat: "
                        "send token ids as `prompt` to /v1/completions", param="messages", code="no_tokenizer")
-    messages: list[Message] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-    ]
+    messages = [_template_message(i, m) for i, m in enumerate(request.messages)]
     try:
-        return served.tokenizer.encode_chat(messages)
+        return served.tokenizer.encode_chat(messages, tools=prompt_tools(request))
     except MlxLlamaError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
 

@@ -25,6 +25,7 @@ from mlx_llama.server.schemas import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, ModelCard, ModelList, Usage,
 )
 from mlx_llama.server.streaming import HEADERS, StreamSpec, chat_events, completion_events
+from mlx_llama.server.tools import answer_message, may_call
 from mlx_llama.server.worker import EngineDead, EngineWorker, Job
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -93,10 +94,10 @@ def _first_event_hook(context: ServerContext, submitted: float) -> Callable[[Job
 
 
 def _spec(context: ServerContext, prefix: str, generation: GenerationRequest, stream_usage: bool,
-          logprobs: bool, submitted: float) -> StreamSpec:
+          logprobs: bool, calls_tools: bool, submitted: float) -> StreamSpec:
     return StreamSpec(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=context.served.name,
                       prompt_tokens=len(generation.prompt_ids), include_usage=stream_usage, logprobs=logprobs,
-                      on_first_event=_first_event_hook(context, submitted))
+                      calls_tools=calls_tools, on_first_event=_first_event_hook(context, submitted))
 
 
 def _stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -105,8 +106,12 @@ def _stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 def _chat_response(body: ChatCompletionRequest, spec: StreamSpec, pieces: list[Piece], usage: Usage) -> BaseModel:
     logprobs = ChatLogprobs(content=[lp for p in pieces for lp in p.logprobs]) if spec.logprobs else None
-    choice = ChatChoice(message=AssistantMessage(content="".join(p.text for p in pieces)), logprobs=logprobs,
-                        finish_reason=pieces[-1].finish_reason)
+    finish_reason = pieces[-1].finish_reason
+    if spec.calls_tools:
+        message, finish_reason = answer_message((p.text for p in pieces), finish_reason)
+    else:
+        message = AssistantMessage(content="".join(p.text for p in pieces))
+    choice = ChatChoice(message=message, logprobs=logprobs, finish_reason=finish_reason)
     return ChatCompletion(id=spec.id, created=spec.created, model=spec.model, choices=[choice], usage=usage)
 
 
@@ -126,14 +131,15 @@ class _Endpoint:
     id_prefix: str
     prompt_ids: Callable[[Any, ServedModel], list[int]]
     wants_logprobs: Callable[[Any], bool]
+    calls_tools: Callable[[Any], bool]
     events: Callable[[Job, AnswerAssembler, StreamSpec], AsyncIterator[str]]
     response: Callable[[Any, StreamSpec, list[Piece], Usage], BaseModel]
 
 
-_CHAT = _Endpoint(ChatCompletionRequest, "chatcmpl", chat_prompt_ids, lambda body: body.logprobs,
+_CHAT = _Endpoint(ChatCompletionRequest, "chatcmpl", chat_prompt_ids, lambda body: body.logprobs, may_call,
                   chat_events, _chat_response)
 _COMPLETION = _Endpoint(CompletionRequest, "cmpl", completion_prompt_ids, lambda body: body.logprobs is not None,
-                        completion_events, _completion_response)
+                        lambda body: False, completion_events, _completion_response)
 
 
 async def _answer(request: Request, endpoint: _Endpoint) -> Response:
@@ -145,7 +151,8 @@ async def _answer(request: Request, endpoint: _Endpoint) -> Response:
     job, submitted = await _submit(context, generation)
     assembler = AnswerAssembler(context.served, body.stop_strings())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    spec = _spec(context, endpoint.id_prefix, generation, include_usage, endpoint.wants_logprobs(body), submitted)
+    spec = _spec(context, endpoint.id_prefix, generation, include_usage, endpoint.wants_logprobs(body),
+                 endpoint.calls_tools(body), submitted)
     if body.stream:
         return _stream(endpoint.events(job, assembler, spec))
     try:

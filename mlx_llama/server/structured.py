@@ -1,11 +1,12 @@
-"""The one place that decides what `response_format`, `tools` and `functions` do.
+"""The one place that decides the constraint a chat answer follows: `response_format` or `tools`.
 
 `response_format` {"type": "json_object"} and {"type": "json_schema",
 "json_schema": {"name", "schema", "strict"}} become a grammar constraint the
 engine applies to every token (generation.constraints), so the answer parses
-and validates, or ends with finish_reason "length".  A schema the matcher cannot
-enforce is a 400 before anything is generated; so is anything else asked of the
-output that we cannot honour (tool calling is not built yet).
+and validates, or ends with finish_reason "length"; `tools` become the grammar
+of a tool call (server.tools).  A schema the matcher cannot enforce is a 400
+before anything is generated; so is anything else asked of the output that we
+cannot honour (the deprecated `functions` API).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.constraints import ConstraintCompiler, Grammar, json_object_grammar, json_schema_grammar
 from mlx_llama.generation.requests import TokenConstraint
-from mlx_llama.server.errors import ApiError
+from mlx_llama.server.errors import ApiError, field_error
 from mlx_llama.server.schemas import ChatCompletionRequest, CompletionRequest
-
-_NOT_YET = "structured output is not supported yet"
+from mlx_llama.server.tools import tool_grammar
 
 
 def _bad_format(message: str) -> ApiError:
-    return ApiError(400, f"response_format: {message}", param="response_format", code="invalid_value")
+    return field_error("response_format", message)
 
 
 def _grammar(fmt: dict[str, Any]) -> Grammar | None:
@@ -60,19 +60,15 @@ def constraint_for(request: ChatCompletionRequest | CompletionRequest, tokenizer
     """The constraint a request's output must follow; None for free text."""
     if not isinstance(request, ChatCompletionRequest):
         return None
-    for name in ("tools", "functions"):
-        if getattr(request, name):
-            raise ApiError(400, f"{_NOT_YET}: {name} (tool calling) cannot be honoured", param=name,
-                           code="unsupported_parameter")
-    if request.tool_choice not in (None, "none"):
-        raise ApiError(400, f"{_NOT_YET}: tool_choice cannot be honoured", param="tool_choice",
-                       code="unsupported_parameter")
-    grammar = _grammar(request.response_format) if request.response_format is not None else None
+    param = "tools"
+    grammar = tool_grammar(request)
+    if grammar is None and request.response_format is not None:
+        param, grammar = "response_format", _grammar(request.response_format)
     if grammar is None:
         return None
     if tokenizer is None:
-        raise _bad_format("this model has no tokenizer, which constrained output needs")
+        raise field_error(param, "this model has no tokenizer, which constrained output needs")
     try:
         return ConstraintCompiler(tokenizer, vocab_size).constraint(grammar)
     except MlxLlamaError as e:
-        raise _bad_format(str(e)) from None
+        raise field_error(param, str(e)) from None
