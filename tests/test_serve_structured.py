@@ -88,3 +88,12 @@ def test_unenforceable_format_is_refused_before_any_token(server: ServerProcess,
         ask(client, response_format=fmt)
     assert e.value.body["param"] == "response_format" and "\n" not in e.value.body["message"]
     assert generated_tokens(server) == before
+
+
+def test_stop_strings_with_a_json_format_are_refused(server: ServerProcess, client: Any) -> None:
+    """A stop string could cut the JSON and still say finish_reason "stop": refused, nothing generated."""
+    before = generated_tokens(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, response_format=schema_format(SCHEMA), stop=["}"])
+    assert e.value.body["param"] == "stop"
+    assert generated_tokens(server) == before

@@ -64,6 +64,9 @@ def constraint_for(request: ChatCompletionRequest | CompletionRequest, tokenizer
     grammar = tool_grammar(request)
     if grammar is None and request.response_format is not None:
         param, grammar = "response_format", _grammar(request.response_format)
+        if grammar is not None and request.stop:
+            # A stop string could cut the JSON and still report finish_reason "stop".
+            raise field_error("stop", "cannot be combined with a JSON response_format: a stop string could cut it")
     if grammar is None:
         return None
     if tokenizer is None:
