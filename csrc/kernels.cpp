@@ -772,8 +772,15 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 // to int16 and meets the activations with _mm256_madd_epi16; a lane sums 4
 // products of at most 128 * 32767, below 2^24, so its float conversion is
 // exact too.
+// Bytes of weights to prefetch while a tile runs: [p, p + bytes), spread
+// evenly over its chunks.
+struct Prefetch {
+  const char* p;
+  int bytes;
+};
+
 template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false>
-TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
   static_assert(!X16 || BITS == 8, "int16 activations are for 8-bit weights");
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
@@ -807,21 +814,15 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const int n_chunks = c.n_chunks; // local: keeps acc[][] in registers
-  // The R rows of this tile are one contiguous block; rows are short (1 KB
-  // for K = 2048 at 4 bits), too short for the hardware prefetcher to lock on
-  // to R interleaved streams. Walk the next tile's block linearly instead, at
-  // the rate this tile is consumed (R * 32 bytes per chunk).
-  const char* pf = reinterpret_cast<const char*>(wr[0]) + R * c.row_bytes;
-  // ... and the next tile's scales and biases (R * ng values each).
-  const int pbytes = scale_bytes(a.stype);
-  const int64_t pnext = int64_t(n0 + R) * ng * pbytes;
-  for (int off = 0; off < R * ng * pbytes; off += 64) {
-    _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
-    _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
-  }
+  // pf's lines spread over the chunks, Bresenham style (no division in the
+  // loop): `due` gains pf_lines per chunk and pays n_chunks per line.
+  const int pf_lines = ceil_div(pf.bytes, 64);
+  const char* pf_p = pf.p;
+  int due = 0;
   for (int ch = 0; ch < n_chunks; ++ch) {
-    for (int off = 0; off < R * 32; off += 64) {
-      _mm_prefetch(pf + int64_t(ch) * R * 32 + off, _MM_HINT_T0);
+    for (due += pf_lines; due >= n_chunks; due -= n_chunks) {
+      _mm_prefetch(pf_p, _MM_HINT_T0);
+      pf_p += 64;
     }
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
@@ -906,7 +907,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   }
 }
 
-using TileFn = void (*)(const Q8Ctx&, int, int);
+using TileFn = void (*)(const Q8Ctx&, int, int, Prefetch);
 
 struct TileSet {
   // [c - 1]: wide tile (R = 4 for c <= 2, R = 2 for c >= 3), single row tile.
@@ -973,25 +974,88 @@ const TileSet* tiles_for(int bits, int g, ScaleType t, bool x16) {
 constexpr int kQ8RowsPerTask = 128;
 constexpr int kQ8ColsPerTask = 64; // activation rows per task
 
-// Task boundaries over the N weight rows (multiples of kQ8RowsPerTask). For a
-// memory-bound GEMV (one pass of at most 4 activation rows), blocks shrink
-// as the work runs out: each a 1/(2 * threads) share of the rows left, at
-// least kQ8RowsPerTask. Long blocks keep the prefetch running from tile to
-// tile (each new block starts cold), the short ones at the end keep the
-// threads finishing together: 1-9% faster 4/8-bit GEMV than equal 128-row
-// blocks, 1.5% faster 1B decode (paired in-process runs). Results do not
-// depend on the blocks (each row is reduced alike in any tile).
+// Task boundaries over the N weight rows (multiples of kQ8RowsPerTask). When
+// one task covers all M activation rows, blocks shrink as the work runs out:
+// each a 1/(2 * threads) share of the rows left, at least kQ8RowsPerTask.
+// Long blocks keep the prefetch running from span to span (each new block
+// starts cold), the short ones at the end keep the threads finishing
+// together: 1-9% faster 4/8-bit GEMV than equal 128-row blocks, 1.5% faster
+// 1B decode (paired in-process runs). Results do not depend on the blocks
+// (each row is reduced alike in any tile).
 std::vector<int> row_blocks(int N, int M, int threads) {
   std::vector<int> bounds{0};
   for (int n = 0; n < N;) {
     int size = kQ8RowsPerTask;
-    if (M <= 4) {
+    if (M <= kQ8ColsPerTask) {
       size = std::max(size, (N - n) / (2 * threads) / kQ8RowsPerTask * kQ8RowsPerTask);
     }
     n = std::min(N, n + size);
     bounds.push_back(n);
   }
   return bounds;
+}
+
+// Weight bytes per span (see q8_rows): small enough to stay in L1 next to
+// the activations while every activation row of the task passes over them.
+constexpr int kQ8SpanBytes = 16 * 1024;
+
+// Weight rows per span: a multiple of 4 (every tile height), at least 4.
+int span_rows(int row_bytes) {
+  return std::max(4, kQ8SpanBytes / row_bytes / 4 * 4);
+}
+
+// Weight rows [n0, n1) x activation rows [m0, m1). The rows go in spans of a
+// few weight rows, each applied to all the activation rows (in tiles of at
+// most 4) before the next: the weights stream from memory once per call
+// whatever M, instead of once per 4 activation rows. Rows are short (1 KB
+// for K = 2048 at 4 bits), too short for the hardware prefetcher to lock on
+// to interleaved streams, so the next span's weights are walked linearly by
+// software prefetches spread over all of this span's tiles (its scales and
+// biases are fetched up front: they are few).
+TARGET_AVX2 void q8_rows(const Q8Ctx& c, const TileSet& ts, int n0, int n1, int m0, int m1) {
+  const QMatmulArgs& a = *c.a;
+  const int S = span_rows(c.row_bytes);
+  const int pbytes = scale_bytes(a.stype);
+  const char* w = reinterpret_cast<const char*>(a.w);
+  // Tiles per span of `rows` weight rows.
+  auto span_tiles = [&](int rows) {
+    int t = 0;
+    for (int m = m0; m < m1; m += 4) {
+      const int R = ts.wide_rows[std::min(4, m1 - m) - 1];
+      t += rows / R + rows % R;
+    }
+    return t;
+  };
+  for (int ns = n0; ns < n1; ns += S) {
+    const int ne = std::min(n1, ns + S);
+    const int next_rows = std::min(a.N, ne + S) - ne;
+    const int64_t pnext = int64_t(ne) * c.n_groups * pbytes;
+    for (int off = 0; off < next_rows * c.n_groups * pbytes; off += 64) {
+      _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
+    }
+    const char* pf = w + int64_t(ne) * c.row_bytes;
+    const int pf_bytes = next_rows * c.row_bytes;
+    // Per tile, in whole cache lines.
+    const int share = ceil_div(ceil_div(pf_bytes, span_tiles(ne - ns)), 64) * 64;
+    int done = 0;
+    auto next = [&]() {
+      const Prefetch p{pf + done, std::max(0, std::min(share, pf_bytes - done))};
+      done += p.bytes;
+      return p;
+    };
+    for (int m = m0; m < m1; m += 4) {
+      const int cols = std::min(4, m1 - m);
+      const int R = ts.wide_rows[cols - 1];
+      int n = ns;
+      for (; n + R <= ne; n += R) {
+        ts.wide[cols - 1](c, n, m, next());
+      }
+      for (; n < ne; ++n) {
+        ts.single[cols - 1](c, n, m, next());
+      }
+    }
+  }
 }
 
 // x16: int16 activations (Mode::Q16, 8-bit weights), else int8.
@@ -1075,17 +1139,7 @@ void qmatmul_q8(const QMatmulArgs& a, bool x16) {
     const int n1 = bounds[nb + 1];
     const int m0 = mb * kQ8ColsPerTask;
     const int m1 = std::min(a.M, m0 + kQ8ColsPerTask);
-    for (int m = m0; m < m1; m += 4) {
-      const int cols = std::min(4, m1 - m);
-      const int R = ts->wide_rows[cols - 1];
-      int n = n0;
-      for (; n + R <= n1; n += R) {
-        ts->wide[cols - 1](c, n, m);
-      }
-      for (; n < n1; ++n) {
-        ts->single[cols - 1](c, n, m);
-      }
-    }
+    q8_rows(c, *ts, n0, n1, m0, m1);
   });
 }
 #endif // MLXL_X86
