@@ -762,6 +762,41 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+// AVX-VNNI (VEX-encoded, as on Zen 5 and Alder Lake and later): one
+// instruction for what AVX2 does in two or four, with the same integer
+// result (the AVX2 sums never saturate: see q8_tile), so the output bits do
+// not depend on which runs. Inline asm: the AVX2 functions are not compiled
+// for AVX-VNNI, and these are only reached when the CPU has it.
+bool cpu_has_avxvnni() {
+  static const bool v = [] {
+    if (std::getenv("MLX_LLAMA_NO_VNNI")) {
+      return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni") != 0;
+  }();
+  return v;
+}
+
+// acc + the sums of 4 adjacent u8 * s8 products per int32 lane.
+TARGET_AVX2 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
+
+// acc + the sums of 2 adjacent s16 * s16 products per int32 lane.
+TARGET_AVX2 inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
+  asm("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+  return acc;
+}
+
+// Bytes of weights to prefetch while a tile runs: [p, p + bytes), spread
+// evenly over its chunks.
+struct Prefetch {
+  const char* p;
+  int bytes;
+};
+
 // R weight rows x C activation rows over the whole K. Scales and biases are
 // read as stored (ST) where the inner loop needs them: widening a tile's
 // bf16 scales into a stack buffer first was 4-6% slower (4-bit GEMV, paired
@@ -772,14 +807,12 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 // to int16 and meets the activations with _mm256_madd_epi16; a lane sums 4
 // products of at most 128 * 32767, below 2^24, so its float conversion is
 // exact too.
-// Bytes of weights to prefetch while a tile runs: [p, p + bytes), spread
-// evenly over its chunks.
-struct Prefetch {
-  const char* p;
-  int bytes;
-};
-
-template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false>
+//
+// VNNI: the integer dot products by dot_u8s8 / dot_s16. They equal the
+// AVX2 ones because no _mm256_maddubs_epi16 sum saturates: at most
+// 2 * 15 * 127 (4-bit), 2 * 128 * 127 (8-bit, |q - 128| by a signed
+// activation) and P of them added in int16 stay below 2^15.
+template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false, bool VNNI = false>
 TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
   static_assert(!X16 || BITS == 8, "int16 activations are for 8-bit weights");
   constexpr int P = 8 / BITS;
@@ -835,9 +868,17 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
         for (int j = 0; j < C; ++j) {
           const __m256i* xp =
               reinterpret_cast<const __m256i*>(xr[j] + int64_t(ch) * 64);
-          const __m256i i32 = _mm256_add_epi32(
-              _mm256_madd_epi16(w0, _mm256_load_si256(xp)),
-              _mm256_madd_epi16(w1, _mm256_load_si256(xp + 1)));
+          __m256i i32;
+          if constexpr (VNNI) {
+            i32 = dot_s16(
+                dot_s16(_mm256_setzero_si256(), w0, _mm256_load_si256(xp)),
+                w1,
+                _mm256_load_si256(xp + 1));
+          } else {
+            i32 = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_load_si256(xp)),
+                _mm256_madd_epi16(w1, _mm256_load_si256(xp + 1)));
+          }
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -848,9 +889,10 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
         for (int j = 0; j < C; ++j) {
           const __m256i xv = _mm256_load_si256(
               reinterpret_cast<const __m256i*>(xr[j] + ch * 32));
-          const __m256i s16 =
-              _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv, qs));
-          const __m256i i32 = _mm256_madd_epi16(s16, ones);
+          const __m256i xsg = _mm256_sign_epi8(xv, qs);
+          const __m256i i32 = VNNI
+              ? dot_u8s8(_mm256_setzero_si256(), qa, xsg)
+              : _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xsg), ones);
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -862,18 +904,22 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
           wp[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
         }
         for (int j = 0; j < C; ++j) {
-          const int8_t* xp = xr[j] + int64_t(ch) * 32 * P;
-          __m256i s16 = _mm256_maddubs_epi16(
-              wp[0], _mm256_load_si256(reinterpret_cast<const __m256i*>(xp)));
-          for (int p = 1; p < P; ++p) {
-            s16 = _mm256_add_epi16(
-                s16,
-                _mm256_maddubs_epi16(
-                    wp[p],
-                    _mm256_load_si256(
-                        reinterpret_cast<const __m256i*>(xp + 32 * p))));
+          const __m256i* xp =
+              reinterpret_cast<const __m256i*>(xr[j] + int64_t(ch) * 32 * P);
+          __m256i i32;
+          if constexpr (VNNI) {
+            i32 = dot_u8s8(_mm256_setzero_si256(), wp[0], _mm256_load_si256(xp));
+            for (int p = 1; p < P; ++p) {
+              i32 = dot_u8s8(i32, wp[p], _mm256_load_si256(xp + p));
+            }
+          } else {
+            __m256i s16 = _mm256_maddubs_epi16(wp[0], _mm256_load_si256(xp));
+            for (int p = 1; p < P; ++p) {
+              s16 = _mm256_add_epi16(
+                  s16, _mm256_maddubs_epi16(wp[p], _mm256_load_si256(xp + p)));
+            }
+            i32 = _mm256_madd_epi16(s16, ones);
           }
-          const __m256i i32 = _mm256_madd_epi16(s16, ones);
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -916,32 +962,32 @@ struct TileSet {
   int wide_rows[4];
 };
 
-template <int BITS, int RK, ScaleType ST, bool X16 = false>
+template <int BITS, int RK, ScaleType ST, bool X16, bool VNNI>
 TileSet make_tiles() {
   return TileSet{
-      {q8_tile<BITS, RK, 4, 1, ST, X16>,
-       q8_tile<BITS, RK, 4, 2, ST, X16>,
-       q8_tile<BITS, RK, 2, 3, ST, X16>,
-       q8_tile<BITS, RK, 2, 4, ST, X16>},
-      {q8_tile<BITS, RK, 1, 1, ST, X16>,
-       q8_tile<BITS, RK, 1, 2, ST, X16>,
-       q8_tile<BITS, RK, 1, 3, ST, X16>,
-       q8_tile<BITS, RK, 1, 4, ST, X16>},
+      {q8_tile<BITS, RK, 4, 1, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 4, 2, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 2, 3, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 2, 4, ST, X16, VNNI>},
+      {q8_tile<BITS, RK, 1, 1, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 2, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 3, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 4, ST, X16, VNNI>},
       {4, 4, 2, 2}};
 }
 
-template <ScaleType ST>
-const TileSet* tiles_for_type(int bits, int g, bool x16) {
-  static const TileSet t8 = make_tiles<8, 1, ST>();
-  static const TileSet t8_x16 = make_tiles<8, 1, ST, true>();
+template <ScaleType ST, bool VNNI>
+const TileSet* tiles_for_isa(int bits, int g, bool x16) {
+  static const TileSet t8 = make_tiles<8, 1, ST, false, VNNI>();
+  static const TileSet t8_x16 = make_tiles<8, 1, ST, true, VNNI>();
   if (x16) {
     return &t8_x16;
   }
-  static const TileSet t4_1 = make_tiles<4, 1, ST>();
-  static const TileSet t4_2 = make_tiles<4, 2, ST>();
-  static const TileSet t2_1 = make_tiles<2, 1, ST>();
-  static const TileSet t2_2 = make_tiles<2, 2, ST>();
-  static const TileSet t2_4 = make_tiles<2, 4, ST>();
+  static const TileSet t4_1 = make_tiles<4, 1, ST, false, VNNI>();
+  static const TileSet t4_2 = make_tiles<4, 2, ST, false, VNNI>();
+  static const TileSet t2_1 = make_tiles<2, 1, ST, false, VNNI>();
+  static const TileSet t2_2 = make_tiles<2, 2, ST, false, VNNI>();
+  static const TileSet t2_4 = make_tiles<2, 4, ST, false, VNNI>();
   const int E = 256 / bits;
   const int rk = E > g ? E / g : 1;
   switch (bits) {
@@ -954,6 +1000,12 @@ const TileSet* tiles_for_type(int bits, int g, bool x16) {
     default:
       return nullptr;
   }
+}
+
+template <ScaleType ST>
+const TileSet* tiles_for_type(int bits, int g, bool x16) {
+  return cpu_has_avxvnni() ? tiles_for_isa<ST, true>(bits, g, x16)
+                           : tiles_for_isa<ST, false>(bits, g, x16);
 }
 
 const TileSet* tiles_for(int bits, int g, ScaleType t, bool x16) {
