@@ -762,6 +762,41 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+// AVX-VNNI (VEX-encoded, as on Zen 5 and Alder Lake and later): one
+// instruction for what AVX2 does in two or four, with the same integer
+// result (the AVX2 sums never saturate: see q8_tile), so the output bits do
+// not depend on which runs. Inline asm: the AVX2 functions are not compiled
+// for AVX-VNNI, and these are only reached when the CPU has it.
+bool cpu_has_avxvnni() {
+  static const bool v = [] {
+    if (std::getenv("MLX_LLAMA_NO_VNNI")) {
+      return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni") != 0;
+  }();
+  return v;
+}
+
+// acc + the sums of 4 adjacent u8 * s8 products per int32 lane.
+TARGET_AVX2 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
+
+// acc + the sums of 2 adjacent s16 * s16 products per int32 lane.
+TARGET_AVX2 inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
+  asm("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+  return acc;
+}
+
+// Bytes of weights to prefetch while a tile runs: [p, p + bytes), spread
+// evenly over its chunks.
+struct Prefetch {
+  const char* p;
+  int bytes;
+};
+
 // R weight rows x C activation rows over the whole K. Scales and biases are
 // read as stored (ST) where the inner loop needs them: widening a tile's
 // bf16 scales into a stack buffer first was 4-6% slower (4-bit GEMV, paired
@@ -772,8 +807,13 @@ TARGET_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 // to int16 and meets the activations with _mm256_madd_epi16; a lane sums 4
 // products of at most 128 * 32767, below 2^24, so its float conversion is
 // exact too.
-template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false>
-TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
+//
+// VNNI: the integer dot products by dot_u8s8 / dot_s16. They equal the
+// AVX2 ones because no _mm256_maddubs_epi16 sum saturates: at most
+// 2 * 15 * 127 (4-bit), 2 * 128 * 127 (8-bit, |q - 128| by a signed
+// activation) and P of them added in int16 stay below 2^15.
+template <int BITS, int RK, int R, int C, ScaleType ST, bool X16 = false, bool VNNI = false>
+TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0, Prefetch pf) {
   static_assert(!X16 || BITS == 8, "int16 activations are for 8-bit weights");
   constexpr int P = 8 / BITS;
   constexpr int E = 256 / BITS;
@@ -807,21 +847,15 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const int n_chunks = c.n_chunks; // local: keeps acc[][] in registers
-  // The R rows of this tile are one contiguous block; rows are short (1 KB
-  // for K = 2048 at 4 bits), too short for the hardware prefetcher to lock on
-  // to R interleaved streams. Walk the next tile's block linearly instead, at
-  // the rate this tile is consumed (R * 32 bytes per chunk).
-  const char* pf = reinterpret_cast<const char*>(wr[0]) + R * c.row_bytes;
-  // ... and the next tile's scales and biases (R * ng values each).
-  const int pbytes = scale_bytes(a.stype);
-  const int64_t pnext = int64_t(n0 + R) * ng * pbytes;
-  for (int off = 0; off < R * ng * pbytes; off += 64) {
-    _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
-    _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
-  }
+  // pf's lines spread over the chunks, Bresenham style (no division in the
+  // loop): `due` gains pf_lines per chunk and pays n_chunks per line.
+  const int pf_lines = ceil_div(pf.bytes, 64);
+  const char* pf_p = pf.p;
+  int due = 0;
   for (int ch = 0; ch < n_chunks; ++ch) {
-    for (int off = 0; off < R * 32; off += 64) {
-      _mm_prefetch(pf + int64_t(ch) * R * 32 + off, _MM_HINT_T0);
+    for (due += pf_lines; due >= n_chunks; due -= n_chunks) {
+      _mm_prefetch(pf_p, _MM_HINT_T0);
+      pf_p += 64;
     }
     for (int r = 0; r < R; ++r) {
       const __m256i raw =
@@ -834,9 +868,17 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
         for (int j = 0; j < C; ++j) {
           const __m256i* xp =
               reinterpret_cast<const __m256i*>(xr[j] + int64_t(ch) * 64);
-          const __m256i i32 = _mm256_add_epi32(
-              _mm256_madd_epi16(w0, _mm256_load_si256(xp)),
-              _mm256_madd_epi16(w1, _mm256_load_si256(xp + 1)));
+          __m256i i32;
+          if constexpr (VNNI) {
+            i32 = dot_s16(
+                dot_s16(_mm256_setzero_si256(), w0, _mm256_load_si256(xp)),
+                w1,
+                _mm256_load_si256(xp + 1));
+          } else {
+            i32 = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_load_si256(xp)),
+                _mm256_madd_epi16(w1, _mm256_load_si256(xp + 1)));
+          }
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -847,9 +889,10 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
         for (int j = 0; j < C; ++j) {
           const __m256i xv = _mm256_load_si256(
               reinterpret_cast<const __m256i*>(xr[j] + ch * 32));
-          const __m256i s16 =
-              _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv, qs));
-          const __m256i i32 = _mm256_madd_epi16(s16, ones);
+          const __m256i xsg = _mm256_sign_epi8(xv, qs);
+          const __m256i i32 = VNNI
+              ? dot_u8s8(_mm256_setzero_si256(), qa, xsg)
+              : _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xsg), ones);
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -861,18 +904,22 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
           wp[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
         }
         for (int j = 0; j < C; ++j) {
-          const int8_t* xp = xr[j] + int64_t(ch) * 32 * P;
-          __m256i s16 = _mm256_maddubs_epi16(
-              wp[0], _mm256_load_si256(reinterpret_cast<const __m256i*>(xp)));
-          for (int p = 1; p < P; ++p) {
-            s16 = _mm256_add_epi16(
-                s16,
-                _mm256_maddubs_epi16(
-                    wp[p],
-                    _mm256_load_si256(
-                        reinterpret_cast<const __m256i*>(xp + 32 * p))));
+          const __m256i* xp =
+              reinterpret_cast<const __m256i*>(xr[j] + int64_t(ch) * 32 * P);
+          __m256i i32;
+          if constexpr (VNNI) {
+            i32 = dot_u8s8(_mm256_setzero_si256(), wp[0], _mm256_load_si256(xp));
+            for (int p = 1; p < P; ++p) {
+              i32 = dot_u8s8(i32, wp[p], _mm256_load_si256(xp + p));
+            }
+          } else {
+            __m256i s16 = _mm256_maddubs_epi16(wp[0], _mm256_load_si256(xp));
+            for (int p = 1; p < P; ++p) {
+              s16 = _mm256_add_epi16(
+                  s16, _mm256_maddubs_epi16(wp[p], _mm256_load_si256(xp + p)));
+            }
+            i32 = _mm256_madd_epi16(s16, ones);
           }
-          const __m256i i32 = _mm256_madd_epi16(s16, ones);
           const __m256 xs = _mm256_load_ps(xsr[j] + ch * 8);
           acc[r][j] = _mm256_fmadd_ps(
               _mm256_cvtepi32_ps(i32), _mm256_mul_ps(wsv, xs), acc[r][j]);
@@ -906,7 +953,7 @@ TARGET_AVX2 void q8_tile(const Q8Ctx& c, int n0, int m0) {
   }
 }
 
-using TileFn = void (*)(const Q8Ctx&, int, int);
+using TileFn = void (*)(const Q8Ctx&, int, int, Prefetch);
 
 struct TileSet {
   // [c - 1]: wide tile (R = 4 for c <= 2, R = 2 for c >= 3), single row tile.
@@ -915,32 +962,32 @@ struct TileSet {
   int wide_rows[4];
 };
 
-template <int BITS, int RK, ScaleType ST, bool X16 = false>
+template <int BITS, int RK, ScaleType ST, bool X16, bool VNNI>
 TileSet make_tiles() {
   return TileSet{
-      {q8_tile<BITS, RK, 4, 1, ST, X16>,
-       q8_tile<BITS, RK, 4, 2, ST, X16>,
-       q8_tile<BITS, RK, 2, 3, ST, X16>,
-       q8_tile<BITS, RK, 2, 4, ST, X16>},
-      {q8_tile<BITS, RK, 1, 1, ST, X16>,
-       q8_tile<BITS, RK, 1, 2, ST, X16>,
-       q8_tile<BITS, RK, 1, 3, ST, X16>,
-       q8_tile<BITS, RK, 1, 4, ST, X16>},
+      {q8_tile<BITS, RK, 4, 1, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 4, 2, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 2, 3, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 2, 4, ST, X16, VNNI>},
+      {q8_tile<BITS, RK, 1, 1, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 2, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 3, ST, X16, VNNI>,
+       q8_tile<BITS, RK, 1, 4, ST, X16, VNNI>},
       {4, 4, 2, 2}};
 }
 
-template <ScaleType ST>
-const TileSet* tiles_for_type(int bits, int g, bool x16) {
-  static const TileSet t8 = make_tiles<8, 1, ST>();
-  static const TileSet t8_x16 = make_tiles<8, 1, ST, true>();
+template <ScaleType ST, bool VNNI>
+const TileSet* tiles_for_isa(int bits, int g, bool x16) {
+  static const TileSet t8 = make_tiles<8, 1, ST, false, VNNI>();
+  static const TileSet t8_x16 = make_tiles<8, 1, ST, true, VNNI>();
   if (x16) {
     return &t8_x16;
   }
-  static const TileSet t4_1 = make_tiles<4, 1, ST>();
-  static const TileSet t4_2 = make_tiles<4, 2, ST>();
-  static const TileSet t2_1 = make_tiles<2, 1, ST>();
-  static const TileSet t2_2 = make_tiles<2, 2, ST>();
-  static const TileSet t2_4 = make_tiles<2, 4, ST>();
+  static const TileSet t4_1 = make_tiles<4, 1, ST, false, VNNI>();
+  static const TileSet t4_2 = make_tiles<4, 2, ST, false, VNNI>();
+  static const TileSet t2_1 = make_tiles<2, 1, ST, false, VNNI>();
+  static const TileSet t2_2 = make_tiles<2, 2, ST, false, VNNI>();
+  static const TileSet t2_4 = make_tiles<2, 4, ST, false, VNNI>();
   const int E = 256 / bits;
   const int rk = E > g ? E / g : 1;
   switch (bits) {
@@ -953,6 +1000,12 @@ const TileSet* tiles_for_type(int bits, int g, bool x16) {
     default:
       return nullptr;
   }
+}
+
+template <ScaleType ST>
+const TileSet* tiles_for_type(int bits, int g, bool x16) {
+  return cpu_has_avxvnni() ? tiles_for_isa<ST, true>(bits, g, x16)
+                           : tiles_for_isa<ST, false>(bits, g, x16);
 }
 
 const TileSet* tiles_for(int bits, int g, ScaleType t, bool x16) {
@@ -973,25 +1026,88 @@ const TileSet* tiles_for(int bits, int g, ScaleType t, bool x16) {
 constexpr int kQ8RowsPerTask = 128;
 constexpr int kQ8ColsPerTask = 64; // activation rows per task
 
-// Task boundaries over the N weight rows (multiples of kQ8RowsPerTask). For a
-// memory-bound GEMV (one pass of at most 4 activation rows), blocks shrink
-// as the work runs out: each a 1/(2 * threads) share of the rows left, at
-// least kQ8RowsPerTask. Long blocks keep the prefetch running from tile to
-// tile (each new block starts cold), the short ones at the end keep the
-// threads finishing together: 1-9% faster 4/8-bit GEMV than equal 128-row
-// blocks, 1.5% faster 1B decode (paired in-process runs). Results do not
-// depend on the blocks (each row is reduced alike in any tile).
+// Task boundaries over the N weight rows (multiples of kQ8RowsPerTask). When
+// one task covers all M activation rows, blocks shrink as the work runs out:
+// each a 1/(2 * threads) share of the rows left, at least kQ8RowsPerTask.
+// Long blocks keep the prefetch running from span to span (each new block
+// starts cold), the short ones at the end keep the threads finishing
+// together: 1-9% faster 4/8-bit GEMV than equal 128-row blocks, 1.5% faster
+// 1B decode (paired in-process runs). Results do not depend on the blocks
+// (each row is reduced alike in any tile).
 std::vector<int> row_blocks(int N, int M, int threads) {
   std::vector<int> bounds{0};
   for (int n = 0; n < N;) {
     int size = kQ8RowsPerTask;
-    if (M <= 4) {
+    if (M <= kQ8ColsPerTask) {
       size = std::max(size, (N - n) / (2 * threads) / kQ8RowsPerTask * kQ8RowsPerTask);
     }
     n = std::min(N, n + size);
     bounds.push_back(n);
   }
   return bounds;
+}
+
+// Weight bytes per span (see q8_rows): small enough to stay in L1 next to
+// the activations while every activation row of the task passes over them.
+constexpr int kQ8SpanBytes = 16 * 1024;
+
+// Weight rows per span: a multiple of 4 (every tile height), at least 4.
+int span_rows(int row_bytes) {
+  return std::max(4, kQ8SpanBytes / row_bytes / 4 * 4);
+}
+
+// Weight rows [n0, n1) x activation rows [m0, m1). The rows go in spans of a
+// few weight rows, each applied to all the activation rows (in tiles of at
+// most 4) before the next: the weights stream from memory once per call
+// whatever M, instead of once per 4 activation rows. Rows are short (1 KB
+// for K = 2048 at 4 bits), too short for the hardware prefetcher to lock on
+// to interleaved streams, so the next span's weights are walked linearly by
+// software prefetches spread over all of this span's tiles (its scales and
+// biases are fetched up front: they are few).
+TARGET_AVX2 void q8_rows(const Q8Ctx& c, const TileSet& ts, int n0, int n1, int m0, int m1) {
+  const QMatmulArgs& a = *c.a;
+  const int S = span_rows(c.row_bytes);
+  const int pbytes = scale_bytes(a.stype);
+  const char* w = reinterpret_cast<const char*>(a.w);
+  // Tiles per span of `rows` weight rows.
+  auto span_tiles = [&](int rows) {
+    int t = 0;
+    for (int m = m0; m < m1; m += 4) {
+      const int R = ts.wide_rows[std::min(4, m1 - m) - 1];
+      t += rows / R + rows % R;
+    }
+    return t;
+  };
+  for (int ns = n0; ns < n1; ns += S) {
+    const int ne = std::min(n1, ns + S);
+    const int next_rows = std::min(a.N, ne + S) - ne;
+    const int64_t pnext = int64_t(ne) * c.n_groups * pbytes;
+    for (int off = 0; off < next_rows * c.n_groups * pbytes; off += 64) {
+      _mm_prefetch(static_cast<const char*>(a.scales) + pnext + off, _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(a.biases) + pnext + off, _MM_HINT_T0);
+    }
+    const char* pf = w + int64_t(ne) * c.row_bytes;
+    const int pf_bytes = next_rows * c.row_bytes;
+    // Per tile, in whole cache lines.
+    const int share = ceil_div(ceil_div(pf_bytes, span_tiles(ne - ns)), 64) * 64;
+    int done = 0;
+    auto next = [&]() {
+      const Prefetch p{pf + done, std::max(0, std::min(share, pf_bytes - done))};
+      done += p.bytes;
+      return p;
+    };
+    for (int m = m0; m < m1; m += 4) {
+      const int cols = std::min(4, m1 - m);
+      const int R = ts.wide_rows[cols - 1];
+      int n = ns;
+      for (; n + R <= ne; n += R) {
+        ts.wide[cols - 1](c, n, m, next());
+      }
+      for (; n < ne; ++n) {
+        ts.single[cols - 1](c, n, m, next());
+      }
+    }
+  }
 }
 
 // x16: int16 activations (Mode::Q16, 8-bit weights), else int8.
@@ -1075,17 +1191,7 @@ void qmatmul_q8(const QMatmulArgs& a, bool x16) {
     const int n1 = bounds[nb + 1];
     const int m0 = mb * kQ8ColsPerTask;
     const int m1 = std::min(a.M, m0 + kQ8ColsPerTask);
-    for (int m = m0; m < m1; m += 4) {
-      const int cols = std::min(4, m1 - m);
-      const int R = ts->wide_rows[cols - 1];
-      int n = n0;
-      for (; n + R <= n1; n += R) {
-        ts->wide[cols - 1](c, n, m);
-      }
-      for (; n < n1; ++n) {
-        ts->single[cols - 1](c, n, m);
-      }
-    }
+    q8_rows(c, *ts, n0, n1, m0, m1);
   });
 }
 #endif // MLXL_X86
