@@ -19,7 +19,7 @@ import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.requests import TokenConstraint
-from mlx_llama.generation.sampler import Sampler, SamplingParams
+from mlx_llama.generation.sampler import Sampler, SamplingParams, apply_allowed
 from mlx_llama.interfaces import KVCache, LanguageModel
 
 
@@ -139,7 +139,7 @@ def _decode_loop(
             allowed = constraint.allowed()
             if not allowed.any():
                 raise MlxLlamaError("the output constraint allows no next token")
-            logits = xp.where(xp.array(allowed), logits, xp.array(float("-inf"), dtype=logits.dtype))
+            logits = apply_allowed(xp, logits, allowed)
         return sampler(xp, logits, history)
 
     token = draw(logits)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-from mlx_llama.generation.prompt_cache import _prefix_state, common_prefix
+from mlx_llama.generation.prompt_cache import prefix_state, common_prefix
 from mlx_llama.interfaces import KVCache
 
 LayerKV = tuple[mx.array, mx.array]
@@ -41,7 +41,7 @@ class PrefixCache:
             return True
         layers = []
         for c in cache:
-            state = _prefix_state(c, len(key))
+            state = prefix_state(c, len(key))
             if state is None:
                 return False
             layers.append(state)

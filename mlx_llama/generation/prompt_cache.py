@@ -70,7 +70,7 @@ def rollback(cache: Sequence[KVCache], n: int) -> bool:
     return all(c.trim(n) == n for c in cache)
 
 
-def _prefix_state(layer_cache: KVCache, n: int) -> tuple[mx.array, mx.array] | None:
+def prefix_state(layer_cache: KVCache, n: int) -> tuple[mx.array, mx.array] | None:
     """Keys and values of positions 0..n-1, or None when some were evicted."""
     keys, values, positions = layer_cache.state
     order = np.flatnonzero(np.asarray(positions) < n)
@@ -118,7 +118,7 @@ def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fing
         return False
     tensors: dict[str, mx.array] = {}
     for i, c in enumerate(cache):
-        state = _prefix_state(c, n)
+        state = prefix_state(c, n)
         if state is None:
             return False
         tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = state

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_llama.generation.requests import GenerationRequest
-from mlx_llama.generation.sampler import Sampler
+from mlx_llama.generation.sampler import Sampler, apply_allowed, log_softmax
 
 
 @dataclass
@@ -20,11 +20,6 @@ class Draw:
     token: int | None  # None: the constraint allowed no token
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - np.max(logits)
-    return shifted - np.log(np.sum(np.exp(shifted)))
 
 
 class RowSampler:
@@ -47,7 +42,7 @@ class RowSampler:
             allowed = np.asarray(req.constraint.allowed(), dtype=bool)
             if not allowed.any():
                 return Draw(None)
-            row = np.where(allowed, row, np.float32(-np.inf)).astype(row.dtype)
+            row = apply_allowed(np, row, allowed)
         token = int(self.sampler(np, row, self.history))
         self.history = np.append(self.history, token)
         if req.constraint is not None:

@@ -41,6 +41,18 @@ class SamplingParams:
             raise MlxLlamaError("repetition context size must be >= 1")
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (for logprobs, perplexity and KL)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def apply_allowed(xp: Any, logits: Any, allowed: np.ndarray) -> Any:
+    """Mask (to -inf) the tokens an output constraint rules out; `allowed` is a boolean vocab mask."""
+    return xp.where(xp.array(allowed), logits, xp.array(float("-inf"), dtype=logits.dtype))
+
+
 def apply_repetition_penalty(xp: Any, logits: Any, recent_ids: np.ndarray, penalty: float) -> Any:
     """CTRL-style penalty: shrink the logits of recently seen tokens."""
     if penalty == 1.0 or len(recent_ids) == 0:

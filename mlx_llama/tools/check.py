@@ -33,7 +33,7 @@ import numpy as np
 
 from mlx_llama.generation.loop import check_context
 from mlx_llama.kernels import extension
-from mlx_llama.tools.perplexity import log_softmax
+from mlx_llama.generation.sampler import log_softmax
 
 TOLERANCES = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}
 # The most the default kernel may add to the exact kernel's logits (relative, as

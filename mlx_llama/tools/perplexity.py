@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.sampler import log_softmax
 from mlx_llama.interfaces import LanguageModel
 
 ROWS_PER_CHUNK = 64  # log-softmax over the vocabulary this many positions at a time (128k vocab: 64 MB)
@@ -88,12 +89,6 @@ def read_ids(text: str, source: str) -> list[int]:
             except ValueError:
                 raise MlxLlamaError(f"{source}:{n}: {tok[:40]!r} is not an integer token id") from None
     return ids
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def window_logits(model: LanguageModel, tokens: Sequence[int], window: Window) -> np.ndarray:
