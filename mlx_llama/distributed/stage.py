@@ -23,7 +23,7 @@ from mlx_llama.interfaces import KVCache
 from mlx_llama.kernels import extension
 from mlx_llama.loader import DTYPES, default_dtype, load_weights_into, read_weights
 from mlx_llama.model.cache import make_cache
-from mlx_llama.model.llama import DecoderLayer, RMSNorm, output_logits
+from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits
 from mlx_llama.model_dir import ModelDir
 
 
@@ -62,9 +62,7 @@ class PipelineStage(nn.Module):
         return make_cache(len(self.layers), max_kv_size, keep)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        h = self.model.embed_tokens(tokens)
-        # A quantized embedding dequantizes in float32; activations take the compute dtype.
-        return h if h.dtype == self.compute_dtype else h.astype(self.compute_dtype)
+        return input_embeddings(self, tokens, self.compute_dtype)
 
     def forward_layers(self, h: mx.array, cache: Sequence[KVCache]) -> mx.array:
         """This rank's layers over hidden states `h` (B, L, hidden), updating its caches."""

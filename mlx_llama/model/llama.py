@@ -180,7 +180,7 @@ class Model(nn.Module):
         treatment of M (see mlx_llama.generation.engine).  `rows` index the N.
         """
         with extension.resolved():
-            h = self._embed(tokens)
+            h = input_embeddings(self, tokens, self.dtype)
             spans, start = [], 0
             for n, cache in segments:
                 spans.append((start, n, cache, cache[0].make_mask(n)))
@@ -191,17 +191,10 @@ class Model(nn.Module):
                 return mx.zeros((0, self.config.vocab_size), dtype=self.dtype)
             return output_logits(self, h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0]
 
-    def _embed(self, tokens: mx.array) -> mx.array:
-        h = self.model.embed_tokens(tokens)
-        if h.dtype != self.dtype:
-            # A quantized embedding dequantizes in float32; activations take the compute dtype.
-            h = h.astype(self.dtype)
-        return h
-
     def _forward(
         self, tokens: mx.array, cache: Sequence[Any] | None, last_only: bool, hidden_states: list[mx.array] | None
     ) -> mx.array:
-        h = self._embed(tokens)
+        h = input_embeddings(self, tokens, self.dtype)
         L = tokens.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)
@@ -215,6 +208,13 @@ class Model(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(h)
         return output_logits(self, h, last_only)
+
+
+def input_embeddings(model: nn.Module, tokens: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The embeddings of `tokens` in the compute `dtype`, for `Model` or a pipeline stage holding the embedding."""
+    h = model.model.embed_tokens(tokens)
+    # A quantized embedding dequantizes in float32; activations take the compute dtype.
+    return h if h.dtype == dtype else h.astype(dtype)
 
 
 def output_logits(model: nn.Module, h: mx.array, last_only: bool) -> mx.array:
