@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from mlx_llama.errors import MlxLlamaError
 
@@ -44,3 +47,21 @@ def check_readable(path: str | Path) -> None:
                 pass
     except OSError as e:
         raise read_error(path, e) from None
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file beside `path` for the block to write; when the block succeeds it is renamed
+    over `path` with a normal file's mode (mkstemp makes it 0600), when it fails it is removed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -13,31 +13,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from mlx_llama.errors import MlxLlamaError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from mlx_llama.files import replaced_atomically
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
     """Write `data` to `path` through a renamed temporary file, with a normal file's mode."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.write("\n")
 
 
 class BatchOutput:

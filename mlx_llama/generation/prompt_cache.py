@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.files import read_error
+from mlx_llama.files import read_error, replaced_atomically
 from mlx_llama.interfaces import KVCache, LanguageModel
 
 FORMAT = "mlx-llama-prompt-cache/1"
@@ -131,24 +129,13 @@ def save(path: str | Path, cache: Sequence[KVCache], ids: Sequence[int], *, fing
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # mx.save_safetensors appends ".safetensors" to other names, so write a temp
-        # file ending in it and move it over the target atomically.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+        # mx.save_safetensors appends ".safetensors" to other names: the temporary file ends in it.
+        with replaced_atomically(path, suffix=".safetensors") as tmp:
+            mx.save_safetensors(tmp, tensors, metadata=metadata)
     except OSError as e:
         raise MlxLlamaError(f"cannot write the prompt cache {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # MLX reports a failed write as RuntimeError
-            raise MlxLlamaError(f"cannot write the prompt cache {path}: {e}") from None
-        raise
+    except RuntimeError as e:  # MLX reports a failed write as RuntimeError
+        raise MlxLlamaError(f"cannot write the prompt cache {path}: {e}") from None
     return True
 
 
