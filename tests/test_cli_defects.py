@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from mlx_llama.errors import MlxLlamaError
 from mlx_llama.loader import load
 from mlx_llama.tools.random_checkpoint import make_config, write_checkpoint
 
-NOBODY = 65534
 
 
 def run(*args: str, input: str | None = None, env: dict[str, str] | None = None):
@@ -82,12 +80,16 @@ print(json.dumps(out))
 
 
 def _run_unprivileged(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
-    """Run CLI invocations in a process that file permissions apply to (root ignores chmod 000)."""
+    """Run CLI invocations in a process that file permissions apply to.
+
+    Root ignores chmod 000 through its DAC capabilities: as root, the process runs
+    without them (so the venv and checkout stay readable wherever they are, while a
+    mode-000 file is refused as it is to a user)."""
     cmd = [sys.executable, "-c", _RUN_AS_USER, json.dumps(cases)]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: no way to make a file unreadable")
-        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] + cmd
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] + cmd
     env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -95,23 +97,18 @@ def _run_unprivileged(cases: list[list[str]], cwd: Path) -> list[tuple[int, str,
 
 
 def test_unreadable_files_give_one_line_about_permissions(tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="mlx-llama-perm-"))  # outside pytest's private (0700) tmp dir
+    base = tmp_path
+    cfg = make_config("tiny", vocab_size=256, bos_token_id=1, eos_token_id=2)
+    dirs = {}
+    for what in ("config", "folder", "weights"):
+        dirs[what] = base / what
+        write_checkpoint(dirs[what], cfg, dtype="float32")
+    out = base / "out"
+    out.mkdir()
+    unreadable = [dirs["config"] / "config.json", dirs["weights"] / "model.safetensors", dirs["folder"]]
     try:
-        base.chmod(0o755)
-        cfg = make_config("tiny", vocab_size=256, bos_token_id=1, eos_token_id=2)
-        dirs = {}
-        for what in ("config", "folder", "weights"):
-            d = base / what
-            write_checkpoint(d, cfg, dtype="float32")
-            for p in [d, *d.iterdir()]:
-                p.chmod(0o755 if p.is_dir() else 0o644)
-            dirs[what] = d
-        out = base / "out"
-        out.mkdir(mode=0o777)
-        out.chmod(0o777)
-        (dirs["config"] / "config.json").chmod(0)
-        (dirs["weights"] / "model.safetensors").chmod(0)
-        dirs["folder"].chmod(0)
+        for p in unreadable:
+            p.chmod(0)
         cases = []
         for what, d in dirs.items():
             cases += [["generate", "-m", str(d), "--prompt-ids", "1,2"],
@@ -119,10 +116,8 @@ def test_unreadable_files_give_one_line_about_permissions(tmp_path):
                       ["convert", str(d), "-o", str(out / what)]]
         results = _run_unprivileged(cases, base)
     finally:
-        for p in (base / "folder", base / "config" / "config.json", base / "weights" / "model.safetensors"):
-            if p.exists():
-                p.chmod(0o755)
-        shutil.rmtree(base)
+        for p in unreadable:  # so the temporary folder can be removed
+            p.chmod(0o755)
     for args, (status, output, exception) in zip(cases, results):
         lines = [line for line in output.splitlines() if line.strip()]
         assert status == 1 and exception == "SystemExit(1)", (args, output, exception)
