@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 from typing import Any, Callable, Iterator
 
 import click
 
+from mlx_llama.cli.info import available_cores
 from mlx_llama.cli.options import dtype_option, model_option
 
 
@@ -32,14 +32,6 @@ class IntList(click.ParamType):
         if low:
             self.fail(f"{low[0]} is below the minimum {self.min}", param, ctx)
         return list(dict.fromkeys(numbers))  # each value once, in the order given
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

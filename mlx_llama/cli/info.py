@@ -23,6 +23,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def cpu_info() -> dict[str, Any]:
     model, flags = "", set()
     try:
@@ -36,12 +44,11 @@ def cpu_info() -> dict[str, Any]:
                     flags = set(value.split())
     except OSError:
         pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "model": model or platform.processor() or platform.machine(),
         "machine": platform.machine(),
         "cores": os.cpu_count(),
-        "usable_cores": affinity,
+        "usable_cores": available_cores(),
         "isa": [f for f in _ISA_FLAGS if f in flags],
     }
 
