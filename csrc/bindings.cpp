@@ -5,6 +5,7 @@
 
 #include "blas_dispatch.h"
 #include "fused_ops.h"
+#include "panel_avx512.h"
 #include "qmm.h"
 #include "threadpool.h"
 
@@ -133,6 +134,15 @@ NB_MODULE(_qmm_ext, m) {
       "softmax(q k^T * scale) v for q (B, L, H, D), k/v (B, Hkv, T, D) -> (B, L, H, D).");
 
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
+  m.def(
+      "panel_kernels",
+      &mlx_llama::panel_kernels_enabled,
+      "Whether the AVX-512 VNNI panel kernels run the integer modes (else the AVX2 tiles).");
+  m.def(
+      "set_panel_kernels",
+      &mlx_llama::set_panel_kernels,
+      "on"_a,
+      "Turn the AVX-512 VNNI panel kernels on (where the CPU has them) or off.");
 
   m.def(
       "read_probe",

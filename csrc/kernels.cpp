@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "panel_avx512.h"
 #include "threadpool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -1218,6 +1219,9 @@ bool q16_supported(int K, int group_size, int bits) {
 
 bool q8_supported(int K, int group_size, int bits) {
 #ifdef MLXL_X86
+  if (panel_supported(K, group_size, bits, Mode::Q8)) {
+    return true;
+  }
   if (!cpu_has_avx2()) {
     return false;
   }
@@ -1242,6 +1246,10 @@ void qmatmul(const QMatmulArgs& a, Mode mode) {
     return;
   }
 #ifdef MLXL_X86
+  if (panel_supported(a.K, a.group_size, a.bits, mode)) {
+    qmatmul_panel(a, mode);
+    return;
+  }
   if (mode == Mode::Q8 && q8_supported(a.K, a.group_size, a.bits)) {
     qmatmul_q8(a, false);
     return;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -85,3 +85,27 @@ def exact_quantized_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     weights and model code must leave out.
     """
     monkeypatch.setenv("MLX_LLAMA_QMM", "exact")
+
+
+def _kernel_families() -> tuple[str, ...]:
+    from mlx_llama.kernels import extension
+
+    ext = extension.module()
+    return ("panels", "avx2_tiles") if ext is not None and ext.panel_kernels() else ("default",)
+
+
+@pytest.fixture(params=_kernel_families())
+def kernel_family(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each integer-kernel family this CPU runs: the AVX-512 VNNI panels and the AVX2 tiles where it
+    has AVX-512 VNNI (the default there is the panels), else just the default."""
+    from mlx_llama.kernels import extension
+
+    ext = extension.module()
+    if request.param == "default":
+        yield request.param
+        return
+    ext.set_panel_kernels(request.param == "panels")
+    try:
+        yield request.param
+    finally:
+        ext.set_panel_kernels(True)

@@ -25,8 +25,9 @@ ALL_BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 KERNELS = ("exact", "q8", "q16")
 THREADS = (1, 2, 3)
-# Tile heights are 1-4 activation rows, task blocks 64 rows: these M cover
-# every remainder of both.
+# Tile heights are 1-4 (AVX2 tiles) or 1-8 activation rows (AVX-512 panels,
+# which also switch from direct tiles to packed panels above M = 4), task
+# blocks 64 rows: these M cover every remainder of each.
 M_VALUES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 31, 33, 63, 64)
 M_MAX = max(M_VALUES)
 
@@ -47,6 +48,7 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
         ext.set_num_threads(before)
 
 
+
 def rows_alone_and_batched(fn, x: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """fn on each row of x alone (stacked), and fn on the first M rows for each M in M_VALUES."""
     alone = np.stack([np.array(fn(mx.array(x[i : i + 1])))[0] for i in range(M_MAX)])
@@ -62,7 +64,7 @@ def assert_invariant(alone: np.ndarray, batched: dict[int, np.ndarray], what: st
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_quantized_matmul_rows_do_not_depend_on_the_batch(bits: int, threads: int) -> None:
+def test_quantized_matmul_rows_do_not_depend_on_the_batch(bits: int, threads: int, kernel_family: str) -> None:
     rng = np.random.default_rng(bits * 31 + threads)
     for g in GROUPS:
         N, K = (37, 3 * g) if g != 32 else (131, 5 * g)  # odd N; K an odd multiple of g
@@ -77,7 +79,7 @@ def test_quantized_matmul_rows_do_not_depend_on_the_batch(bits: int, threads: in
                     return ext.quantized_matmul(xm, w, sd, bd, group_size=g, bits=bits, mode=kernel)
 
                 alone, batched = rows_alone_and_batched(fn, x)
-                assert_invariant(alone, batched, f"{kernel} bits={bits} g={g} N={N} K={K} {scale_dtype}")
+                assert_invariant(alone, batched, f"{kernel} {kernel_family} bits={bits} g={g} N={N} K={K} {scale_dtype}")
 
 
 def test_rms_norm_and_swiglu_rows_do_not_depend_on_the_batch(threads: int) -> None:

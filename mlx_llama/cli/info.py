@@ -70,7 +70,8 @@ def extension() -> str:
 
     if not ext.available():
         return f"absent: {ext.backend_name()}"
-    return f"present ({ext.module().isa()} kernels)"
+    panels = ", AVX-512 VNNI panels for 4/8-bit" if ext.module().panel_kernels() else ""
+    return f"present ({ext.module().isa()} kernels{panels})"
 
 
 def collect() -> dict[str, Any]:

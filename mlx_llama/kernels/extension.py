@@ -147,7 +147,9 @@ def backend_name() -> str:
     if mode == "mlx":
         return "mx.quantized_matmul (MLX_LLAMA_QMM=mlx)"
     isa = _ext.isa()
-    if isa != "avx2":  # the integer paths are AVX2 code: everything runs exact here
+    if isa == "avx2" and _ext.panel_kernels():  # 4/8-bit integer modes on the AVX-512 VNNI panel kernels
+        isa = "avx512-vnni/avx2"
+    if not isa.endswith("avx2"):  # the integer paths are AVX2/AVX-512 code: everything runs exact here
         kind = "float32 exact"
     elif mode == "auto":
         kind = "auto: int16 activations for 8-bit, int8 for 2/4-bit, float32 exact for other bit widths"

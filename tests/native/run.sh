@@ -13,6 +13,6 @@ mkdir -p "$out"
 # Optimised as CMakeLists.txt builds the extension; -Werror: our code only.
 # shellcheck disable=SC2086  # CXX and LDFLAGS may hold several words
 ${CXX:-g++} -std=c++20 -O3 -fno-math-errno -Wall -Wextra -Werror -pthread -I"$csrc" \
-  "$src/kernel_driver.cpp" "$csrc/kernels.cpp" "$csrc/threadpool.cpp" ${LDFLAGS:-} -o "$out/kernel_driver"
+  "$src/kernel_driver.cpp" "$csrc/kernels.cpp" "$csrc/panel_avx512.cpp" "$csrc/threadpool.cpp" ${LDFLAGS:-} -o "$out/kernel_driver"
 "$@" "$out/kernel_driver" --expect-isa "$isa" --write "$out/simd.bin"
 MLX_LLAMA_FORCE_SCALAR=1 "$@" "$out/kernel_driver" --expect-isa scalar --against "$out/simd.bin"

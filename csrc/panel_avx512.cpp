@@ -1,0 +1,731 @@
+// AVX-512 VNNI panel kernels: see panel_avx512.h for the arithmetic.
+#include "panel_avx512.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "threadpool.h"
+
+#if defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() operands, which its
+// own -Wmaybe-uninitialized then reports from inside the headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#define TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
+#endif
+
+namespace mlx_llama {
+
+#if defined(__x86_64__)
+namespace {
+
+bool cpu_has_avx512vnni() {
+  if (std::getenv("MLX_LLAMA_NO_AVX512") || !cpu_has_avx2()) {
+    return false;
+  }
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni");
+}
+
+std::atomic<bool>& enabled_flag() {
+  static std::atomic<bool> on{cpu_has_avx512vnni()};
+  return on;
+}
+
+constexpr int kCols = 16; // output columns per panel: one zmm of float32
+constexpr int kMaxRows = 8; // activation rows per micro-kernel call
+constexpr int kMaxPanels = 4; // panels packed (and per tile at most) at a time
+constexpr int kPanelsPerTask = 8; // smallest task: 128 weight rows
+constexpr int kRowsPerTask = 64; // activation rows per task
+
+inline int ceil_div(int a, int b) {
+  return (a + b - 1) / b;
+}
+
+// The activations of one call, prepared once (before the weight panels).
+struct Acts {
+  const int8_t* xq; // M rows of xq_stride bytes: int8 (Q8) or int16 (Q16)
+  const float* d; // M x nb block scales
+  const int32_t* ci; // M x nb: -c * (sum of the block's integer activations)
+  const float* xsum; // M x G exact group sums of x
+  int64_t xq_stride;
+  int nb;
+  int G;
+};
+
+// Packed weights and parameters of up to kMaxPanels consecutive panels.
+struct PanelSet {
+  const uint32_t* w; // panel v: w + v * panel_words, D vectors of 16 words
+  const float* s; // panel v: s + v * panel_params, G x 16 scales
+  const float* bb; // panel v: bb + v * panel_params, G x 16 (b + c s)
+  int64_t panel_words;
+  int panel_params;
+  int cols; // output columns in these panels (<= 16 * panels)
+};
+
+// Horizontal reductions of one vector (GCC 12's _mm512_reduce_* trip
+// -Wmaybe-uninitialized inside its own headers).
+TARGET_AVX512 inline __m128 fold_ps(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+TARGET_AVX512 inline float sum_ps(__m512 v) {
+  __m128 s = fold_ps(v);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+TARGET_AVX512 inline float max_ps(__m512 v) {
+  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+TARGET_AVX512 inline int32_t sum_epi32(__m512i v) {
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+// One block of 32 activations rounded to integers in [-qmax, qmax]:
+// q = round(x / d) with d = max|x| / qmax (round half to even); returns d.
+TARGET_AVX512 inline float quantize_block(const float* p, float qmax, __m512i& q0, __m512i& q1) {
+  const __m512 v0 = _mm512_loadu_ps(p);
+  const __m512 v1 = _mm512_loadu_ps(p + 16);
+  const float am = max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const __m512 id = _mm512_set1_ps(am > 0.f ? qmax / am : 0.f);
+  q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+  q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+  return am / qmax;
+}
+
+// Row x (K floats) into the layout the micro-kernel broadcasts from:
+//  * 8 bits, int8: plain order (a 32-bit word is 4 consecutive k, like the
+//    weights' words);
+//  * 4 bits, int8: per block, its 16 even-k then its 16 odd-k values (a
+//    weight word's low nibbles are its even k, the high nibbles the odd k);
+//  * 4 bits, int8, `rows` layout (row_tile): per 128 k, the 64 even-k then
+//    the 64 odd-k values (the low and high nibbles of 64 bytes of a row);
+//  * 8 bits, int16 (x16): per 4 k, the order k0 k2 k1 k3 (a weight word's
+//    bytes 0 and 2, then 1 and 3, meet them in vpdpwssd).
+TARGET_AVX512 void quantize_row(
+    const float* x, int K, int bits, bool x16, bool rows, int group_size, int8_t* xq, float* d,
+    int32_t* ci, float* xsum) {
+  const int c = 1 << (bits - 1);
+  const __m512i k0213 = _mm512_set_epi16(
+      31, 29, 30, 28, 27, 25, 26, 24, 23, 21, 22, 20, 19, 17, 18, 16,
+      15, 13, 14, 12, 11, 9, 10, 8, 7, 5, 6, 4, 3, 1, 2, 0);
+  const __m256i evens_odds = _mm256_setr_epi8(
+      0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+      0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const int bpg = group_size / 32;
+  for (int b = 0; b < K / 32; ++b) {
+    __m512i q0, q1;
+    const float* p = x + b * 32;
+    d[b] = quantize_block(p, x16 ? 32767.f : 127.f, q0, q1);
+    ci[b] = -c * sum_epi32(_mm512_add_epi32(q0, q1));
+    const float s = sum_ps(_mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)));
+    xsum[b / bpg] = b % bpg == 0 ? s : xsum[b / bpg] + s;
+    if (x16) {
+      const __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q0)), _mm512_cvtepi32_epi16(q1), 1);
+      _mm512_storeu_si512(xq + b * 64, _mm512_permutexvar_epi16(k0213, v));
+      continue;
+    }
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm512_cvtepi32_epi8(q0)), _mm512_cvtepi32_epi8(q1), 1);
+    if (bits == 8) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * 32), v);
+      continue;
+    }
+    const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, evens_odds), 0xd8);
+    if (!rows) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * 32), eo);
+      continue;
+    }
+    int8_t* chunk = xq + (b / 4) * 128 + (b % 4) * 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(chunk), _mm256_castsi256_si128(eo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(chunk + 64), _mm256_extracti128_si256(eo, 1));
+  }
+}
+
+// In-register transpose of 16 x 16 32-bit words: r[i] word j -> r[j] word i.
+TARGET_AVX512 inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // b[4i + j], 128-bit lane L: word 4L + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  // A 4 x 4 transpose of 128-bit lanes over b[j], b[4 + j], b[8 + j], b[12 + j].
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    const __m512i c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+    r[12 + j] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+  }
+}
+
+// 16 weight rows (rows >= `rows` read as zeros) of D words each into dst:
+// D vectors, vector j = word j of the 16 rows. Prefetches `pf_bytes` from
+// pf (the next panel) spread over the loop.
+TARGET_AVX512 void pack_words(
+    const uint32_t* w, int64_t D, int rows, uint32_t* dst, const char* pf, int64_t pf_bytes) {
+  const int64_t steps = (D + 15) / 16;
+  const int64_t pf_step = ((pf_bytes + steps - 1) / steps + 63) / 64 * 64;
+  for (int64_t j0 = 0, s = 0; j0 < D; j0 += 16, ++s) {
+    for (int64_t o = 0; o < pf_step && s * pf_step + o < pf_bytes; o += 64) {
+      _mm_prefetch(pf + s * pf_step + o, _MM_HINT_T0);
+    }
+    const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+    }
+    transpose16(r);
+    for (int t = 0; t < nj; ++t) {
+      _mm512_storeu_si512(dst + (j0 + t) * kCols, r[t]);
+    }
+  }
+}
+
+// n <= 16 scales or biases of one row from element i, widened to float32.
+TARGET_AVX512 inline __m512 load_params(const void* p, ScaleType st, int64_t i, int n) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  if (st == ScaleType::F32) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+  }
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+  if (st == ScaleType::BF16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_cvtph_ps(h);
+}
+
+// Scales and b + c * s of 16 rows, group-major: ps[g * 16 + col].
+TARGET_AVX512 void pack_params(
+    const QMatmulArgs& a, int n0, int rows, float* ps, float* pbb) {
+  const int G = a.K / a.group_size;
+  const __m512 c = _mm512_set1_ps(static_cast<float>(1 << (a.bits - 1)));
+  for (int g0 = 0; g0 < G; g0 += 16) {
+    const int ng = std::min(16, G - g0);
+    __m512i s[16], b[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t e = int64_t(n0 + i) * G + g0;
+      s[i] = i < rows ? _mm512_castps_si512(load_params(a.scales, a.stype, e, ng)) : _mm512_setzero_si512();
+      b[i] = i < rows ? _mm512_castps_si512(load_params(a.biases, a.stype, e, ng)) : _mm512_setzero_si512();
+    }
+    transpose16(s);
+    transpose16(b);
+    for (int g = 0; g < ng; ++g) {
+      const __m512 sv = _mm512_castsi512_ps(s[g]);
+      _mm512_store_ps(ps + (g0 + g) * kCols, sv);
+      _mm512_store_ps(pbb + (g0 + g) * kCols, _mm512_fmadd_ps(sv, c, _mm512_castsi512_ps(b[g])));
+    }
+  }
+}
+
+inline int32_t word_at(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// R activation rows (m0 ..) x V panels of 16 columns (V * 16 columns; the
+// last panel may have fewer), over all of K. Several panels per call give
+// small R independent accumulator chains (a dpbusd chain is latency-bound
+// with one row); the per-element sequence (panel_avx512.h) does not depend
+// on R or V.
+template <int BITS, bool X16, int R, int V>
+TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0, float* y, int64_t ldy) {
+  constexpr int WPB = BITS == 4 ? 4 : 8; // weight words per block of 32 k
+  const int8_t* xr[R];
+  const float* dr[R];
+  const int32_t* cr[R];
+  const float* sr[R];
+  for (int r = 0; r < R; ++r) {
+    xr[r] = x.xq + int64_t(m0 + r) * x.xq_stride;
+    dr[r] = x.d + int64_t(m0 + r) * x.nb;
+    cr[r] = x.ci + int64_t(m0 + r) * x.nb;
+    sr[r] = x.xsum + int64_t(m0 + r) * x.G;
+  }
+  const __m512i* wv[V];
+  const float* sv[V];
+  const float* bv[V];
+  for (int v = 0; v < V; ++v) {
+    wv[v] = reinterpret_cast<const __m512i*>(ps.w + v * ps.panel_words);
+    sv[v] = ps.s + v * ps.panel_params;
+    bv[v] = ps.bb + v * ps.panel_params;
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i low8 = _mm512_set1_epi32(0x00ff00ff);
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = _mm512_setzero_ps();
+    }
+  }
+  const int G = x.G;
+  for (int g = 0, b = 0; g < G; ++g) {
+    __m512 t[R][V];
+    for (int bi = 0; bi < bpg; ++bi, ++b) {
+      __m512i I[R][V];
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < V; ++v) {
+          I[r][v] = _mm512_set1_epi32(cr[r][b]);
+        }
+      }
+      for (int j = 0; j < WPB; ++j) {
+        for (int v = 0; v < V; ++v) {
+          const __m512i raw = _mm512_loadu_si512(wv[v] + b * WPB + j);
+          if constexpr (BITS == 4) {
+            const __m512i lo = _mm512_and_si512(raw, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            for (int r = 0; r < R; ++r) {
+              const int8_t* p = xr[r] + b * 32 + 4 * j;
+              I[r][v] = _mm512_dpbusd_epi32(I[r][v], lo, _mm512_set1_epi32(word_at(p)));
+              I[r][v] = _mm512_dpbusd_epi32(I[r][v], hi, _mm512_set1_epi32(word_at(p + 16)));
+            }
+          } else if constexpr (!X16) {
+            for (int r = 0; r < R; ++r) {
+              I[r][v] = _mm512_dpbusd_epi32(I[r][v], raw, _mm512_set1_epi32(word_at(xr[r] + b * 32 + 4 * j)));
+            }
+          } else {
+            const __m512i even = _mm512_and_si512(raw, low8);
+            const __m512i odd = _mm512_srli_epi16(raw, 8);
+            for (int r = 0; r < R; ++r) {
+              const int8_t* p = xr[r] + b * 64 + 8 * j;
+              I[r][v] = _mm512_dpwssd_epi32(I[r][v], even, _mm512_set1_epi32(word_at(p)));
+              I[r][v] = _mm512_dpwssd_epi32(I[r][v], odd, _mm512_set1_epi32(word_at(p + 4)));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 dv = _mm512_set1_ps(dr[r][b]);
+        for (int v = 0; v < V; ++v) {
+          const __m512 f = _mm512_cvtepi32_ps(I[r][v]);
+          t[r][v] = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t[r][v]);
+        }
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      const __m512 s = _mm512_load_ps(sv[v] + g * kCols);
+      const __m512 bb = _mm512_load_ps(bv[v] + g * kCols);
+      for (int r = 0; r < R; ++r) {
+        acc[r][v] = _mm512_fmadd_ps(t[r][v], s, acc[r][v]);
+        acc[r][v] = _mm512_fmadd_ps(bb, _mm512_set1_ps(sr[r][g]), acc[r][v]);
+      }
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const int cols = std::min(kCols, ps.cols - v * kCols);
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(y + int64_t(m0 + r) * ldy + v * kCols, mask, acc[r][v]);
+    }
+  }
+}
+
+// Few activation rows (R <= kMaxDirectRows, decode): one panel straight from
+// the weights, 16 words of its 16 rows at a time transposed in registers and
+// consumed at once, instead of packed into a buffer for tiles to share: the
+// buffer's store and reload would cost as much as the arithmetic of one row.
+// The same per-element sequence as panel_tile, so the same bits.
+template <int BITS, bool X16, int R>
+TARGET_AVX512 void direct_tile(
+    const Acts& x, const uint32_t* w, int64_t D, int rows, const float* ps, const float* pbb, int bpg,
+    float* y, int64_t ldy, const char* next) {
+  constexpr int WPB = BITS == 4 ? 4 : 8;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i low8 = _mm512_set1_epi32(0x00ff00ff);
+  __m512 acc[R], t[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    t[r] = _mm512_setzero_ps();
+  }
+  for (int64_t j0 = 0; j0 < D; j0 += 16) {
+    const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i) {
+      v[i] = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+      _mm_prefetch(next + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
+    }
+    transpose16(v);
+#pragma GCC unroll 4
+    for (int lb = 0; lb < 16 / WPB; ++lb) {
+      if (lb * WPB >= nj) {
+        break;
+      }
+      const int b = static_cast<int>(j0 / WPB) + lb;
+      __m512i I[R];
+      for (int r = 0; r < R; ++r) {
+        I[r] = _mm512_set1_epi32(x.ci[int64_t(r) * x.nb + b]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < WPB; ++j) {
+        const __m512i raw = v[lb * WPB + j];
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xr = x.xq + int64_t(r) * x.xq_stride;
+          if constexpr (BITS == 4) {
+            const int8_t* p = xr + b * 32 + 4 * j;
+            I[r] = _mm512_dpbusd_epi32(I[r], _mm512_and_si512(raw, low4), _mm512_set1_epi32(word_at(p)));
+            I[r] = _mm512_dpbusd_epi32(
+                I[r], _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_set1_epi32(word_at(p + 16)));
+          } else if constexpr (!X16) {
+            I[r] = _mm512_dpbusd_epi32(I[r], raw, _mm512_set1_epi32(word_at(xr + b * 32 + 4 * j)));
+          } else {
+            const int8_t* p = xr + b * 64 + 8 * j;
+            I[r] = _mm512_dpwssd_epi32(I[r], _mm512_and_si512(raw, low8), _mm512_set1_epi32(word_at(p)));
+            I[r] = _mm512_dpwssd_epi32(I[r], _mm512_srli_epi16(raw, 8), _mm512_set1_epi32(word_at(p + 4)));
+          }
+        }
+      }
+      const int bi = b % bpg, g = b / bpg;
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_cvtepi32_ps(I[r]);
+        const __m512 dv = _mm512_set1_ps(x.d[int64_t(r) * x.nb + b]);
+        t[r] = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t[r]);
+      }
+      if (bi == bpg - 1) {
+        const __m512 sv = _mm512_load_ps(ps + g * kCols);
+        const __m512 bb = _mm512_load_ps(pbb + g * kCols);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = _mm512_fmadd_ps(t[r], sv, acc[r]);
+          acc[r] = _mm512_fmadd_ps(bb, _mm512_set1_ps(x.xsum[int64_t(r) * x.G + g]), acc[r]);
+        }
+      }
+    }
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + int64_t(r) * ldy, mask, acc[r]);
+  }
+}
+
+// Sums of the 4-lane quads of 16 vectors: out[q] lane i = the sum of lanes
+// 4q .. 4q + 3 of P[i]. 32 shuffles, half a 16 x 16 transpose.
+TARGET_AVX512 inline void quad_sums(const __m512i P[16], __m512i out[4]) {
+  __m512i q[8], r[4];
+  for (int i = 0; i < 8; ++i) {
+    q[i] = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(P[2 * i], P[2 * i + 1]), _mm512_unpackhi_epi32(P[2 * i], P[2 * i + 1]));
+  }
+  // r[i], 128-bit lane L: quad L of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_add_epi32(
+        _mm512_unpacklo_epi64(q[2 * i], q[2 * i + 1]), _mm512_unpackhi_epi64(q[2 * i], q[2 * i + 1]));
+  }
+  const __m512i c0 = _mm512_shuffle_i32x4(r[0], r[1], 0x88);
+  const __m512i c1 = _mm512_shuffle_i32x4(r[0], r[1], 0xdd);
+  const __m512i c2 = _mm512_shuffle_i32x4(r[2], r[3], 0x88);
+  const __m512i c3 = _mm512_shuffle_i32x4(r[2], r[3], 0xdd);
+  out[0] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+  out[2] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+  out[3] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+}
+
+// One activation row (decode), int8 (Q8), one panel: each weight row's 64
+// bytes meet a full vector of activations (for 4 bits in the row layout:
+// per 128 k, the 64 even-k then the 64 odd-k values), and quad_sums turns
+// the 16 rows' partial sums into per-block sums of 16 columns — half the
+// shuffles of transposing the weights first. Integer sums are exact, so the
+// per-element sequence and bits are those of panel_tile.
+template <int BITS>
+TARGET_AVX512 void row_tile(
+    const Acts& x, const uint32_t* w, int64_t D, int rows, const float* ps, const float* pbb, int bpg,
+    float* y, int64_t, const char* next) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 acc = _mm512_setzero_ps(), t = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < D; j0 += 16) {
+    const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
+    __m512i P[16];
+    if constexpr (BITS == 4) {
+      const __m512i xe = _mm512_loadu_si512(x.xq + j0 * 8);
+      const __m512i xo = _mm512_loadu_si512(x.xq + j0 * 8 + 64);
+      for (int i = 0; i < 16; ++i) {
+        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+        _mm_prefetch(next + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
+        P[i] = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xe),
+            _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xo);
+      }
+    } else {
+      const __m512i xv = _mm512_loadu_si512(x.xq + j0 * 4);
+      for (int i = 0; i < 16; ++i) {
+        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+        _mm_prefetch(next + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
+        P[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
+      }
+    }
+    __m512i quads[4];
+    quad_sums(P, quads);
+    constexpr int BPC = BITS == 4 ? 4 : 2; // blocks per 16 words
+    const int b0 = static_cast<int>(j0 * BPC / 16);
+    for (int lb = 0; lb < BPC && lb * 16 / BPC < nj; ++lb) {
+      const int b = b0 + lb;
+      __m512i sum;
+      if constexpr (BITS == 4) {
+        sum = quads[lb];
+      } else {
+        sum = _mm512_add_epi32(quads[2 * lb], quads[2 * lb + 1]);
+      }
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(sum, _mm512_set1_epi32(x.ci[b])));
+      const __m512 dv = _mm512_set1_ps(x.d[b]);
+      const int bi = b % bpg, g = b / bpg;
+      t = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t);
+      if (bi == bpg - 1) {
+        acc = _mm512_fmadd_ps(t, _mm512_load_ps(ps + g * kCols), acc);
+        acc = _mm512_fmadd_ps(_mm512_load_ps(pbb + g * kCols), _mm512_set1_ps(x.xsum[g]), acc);
+      }
+    }
+  }
+  _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << rows) - 1), acc);
+}
+
+using DirectFn = void (*)(
+    const Acts&, const uint32_t*, int64_t, int, const float*, const float*, int, float*, int64_t, const char*);
+constexpr int kMaxDirectRows = 4;
+
+template <int BITS, bool X16, int... R>
+constexpr std::array<DirectFn, sizeof...(R)> direct_of(std::integer_sequence<int, R...>) {
+  return {direct_tile<BITS, X16, R + 1>...};
+}
+
+// [r - 1]: r activation rows.
+template <int BITS, bool X16>
+const DirectFn* direct_tiles() {
+  static constexpr auto t = direct_of<BITS, X16>(std::make_integer_sequence<int, kMaxDirectRows>{});
+  return t.data();
+}
+
+using TileFn = void (*)(const Acts&, const PanelSet&, int, int, float*, int64_t);
+
+// Panels per tile for r activation rows: enough accumulators in flight.
+constexpr int panels_for_rows(int r) {
+  return r <= 2 ? 4 : (r <= 4 ? 2 : 1);
+}
+
+struct TileTable {
+  TileFn wide[kMaxRows]; // [r - 1]: r rows x panels_for_rows(r) panels
+  TileFn single[kMaxRows]; // [r - 1]: r rows x 1 panel
+};
+
+template <int BITS, bool X16, int... R>
+constexpr TileTable table_of(std::integer_sequence<int, R...>) {
+  return {{panel_tile<BITS, X16, R + 1, panels_for_rows(R + 1)>...}, {panel_tile<BITS, X16, R + 1, 1>...}};
+}
+
+template <int BITS, bool X16>
+const TileTable& tiles() {
+  static constexpr TileTable t = table_of<BITS, X16>(std::make_integer_sequence<int, kMaxRows>{});
+  return t;
+}
+
+// Weight panels per task: when one task covers all M rows, blocks shrink as
+// the work runs out (a 1/(2 * threads) share of the panels left, at least
+// kPanelsPerTask), which keeps the threads finishing together while long
+// blocks keep the prefetch streaming.
+std::vector<int> panel_blocks(int panels, int M, int threads) {
+  std::vector<int> bounds{0};
+  for (int p = 0; p < panels;) {
+    int size = kPanelsPerTask;
+    if (M <= kRowsPerTask) {
+      size = std::max(size, (panels - p) / (2 * threads) / kPanelsPerTask * kPanelsPerTask);
+    }
+    p = std::min(panels, p + size);
+    bounds.push_back(p);
+  }
+  return bounds;
+}
+
+} // namespace
+
+bool panel_kernels_enabled() {
+  return enabled_flag().load(std::memory_order_relaxed);
+}
+
+void set_panel_kernels(bool on) {
+  enabled_flag().store(on && cpu_has_avx512vnni(), std::memory_order_relaxed);
+}
+
+bool panel_supported(int K, int group_size, int bits, Mode mode) {
+  if (!panel_kernels_enabled() || K % 32 != 0 || group_size % 32 != 0) {
+    return false;
+  }
+  return mode == Mode::Q16 ? bits == 8 : (mode == Mode::Q8 && (bits == 4 || bits == 8));
+}
+
+void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
+  const bool x16 = mode == Mode::Q16;
+  const int nb = a.K / 32;
+  const int G = a.K / a.group_size;
+  // Rows padded to 128 k: row_tile reads whole 64-byte vectors.
+  const int64_t stride = int64_t(ceil_div(a.K, 128)) * 128 * (x16 ? 2 : 1);
+  const bool rows_layout = a.M == 1 && !x16;
+
+  struct Scratch {
+    std::vector<int8_t> xq;
+    std::vector<float> d, xsum;
+    std::vector<int32_t> ci;
+  };
+  static thread_local Scratch sc;
+  sc.xq.resize(size_t(a.M) * stride);
+  sc.d.resize(size_t(a.M) * nb);
+  sc.ci.resize(size_t(a.M) * nb);
+  sc.xsum.resize(size_t(a.M) * G);
+  const Acts x{sc.xq.data(), sc.d.data(), sc.ci.data(), sc.xsum.data(), stride, nb, G};
+  int8_t* xq = sc.xq.data();
+  float* d = sc.d.data();
+  int32_t* ci = sc.ci.data();
+  float* xsum = sc.xsum.data();
+
+  auto& pool = ThreadPool::instance();
+  auto prep = [&](int m0, int m1) {
+    for (int m = m0; m < m1; ++m) {
+      quantize_row(
+          a.x + int64_t(m) * a.K, a.K, a.bits, x16, rows_layout, a.group_size, xq + m * stride,
+          d + int64_t(m) * nb, ci + int64_t(m) * nb, xsum + int64_t(m) * G);
+    }
+  };
+  if (a.M >= 16) {
+    constexpr int per = 8;
+    pool.parallel_for(ceil_div(a.M, per), [&](int t, int) { prep(t * per, std::min(a.M, (t + 1) * per)); });
+  } else {
+    prep(0, a.M);
+  }
+
+  const TileTable& tiles_ = a.bits == 4 ? tiles<4, false>() : (x16 ? tiles<8, true>() : tiles<8, false>());
+  const DirectFn* direct =
+      a.bits == 4 ? direct_tiles<4, false>() : (x16 ? direct_tiles<8, true>() : direct_tiles<8, false>());
+  const int64_t D = int64_t(a.K) * a.bits / 32; // words per weight row
+  const int panels = ceil_div(a.N, kCols);
+  const std::vector<int> bounds = panel_blocks(panels, a.M, pool.size());
+  const int nt = static_cast<int>(bounds.size()) - 1;
+  const int mt = ceil_div(a.M, kRowsPerTask);
+  const int bpg = a.group_size / 32;
+  const int64_t panel_words = D * kCols;
+  const int panel_params = G * kCols;
+  pool.parallel_for(nt * mt, [&](int task, int) {
+    struct PanelScratch {
+      std::vector<uint32_t> w;
+      std::vector<float> params;
+    };
+    static thread_local PanelScratch sp;
+    const size_t wn = size_t(panel_words) * kMaxPanels + 16;
+    const size_t pn = size_t(panel_params) * kMaxPanels * 2 + 16;
+    if (sp.w.size() < wn) {
+      sp.w.resize(wn);
+    }
+    if (sp.params.size() < pn) {
+      sp.params.resize(pn);
+    }
+    auto align64 = [](auto* p) {
+      return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+    };
+    uint32_t* pw = align64(sp.w.data());
+    float* s_p = align64(sp.params.data());
+    float* bb_p = s_p + panel_params * kMaxPanels;
+    // Activation rows [m0, m1) x the np panels at w (packed), columns from n0.
+    auto run_tiles = [&](const uint32_t* w, int np, int n0, int m0, int m1) {
+      const int cols = std::min(np * kCols, a.N - n0);
+      for (int m = m0; m < m1; m += kMaxRows) {
+        const int r = std::min(kMaxRows, m1 - m);
+        const int V = panels_for_rows(r);
+        for (int v = 0; v < np;) {
+          const PanelSet set{
+              w + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
+              panel_words, panel_params, cols - v * kCols};
+          const bool wide = v + V <= np;
+          (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
+          v += wide ? V : 1;
+        }
+      }
+    };
+    // Scales and biases of the np panels from n0 into the cache, ahead of
+    // pack_params (each panel would otherwise start with a memory stall).
+    const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
+    auto prefetch_params = [&](int n0, int np) {
+      const int64_t lo = int64_t(std::min(n0, a.N)) * G * pbytes;
+      const int64_t hi = int64_t(std::min(n0 + np * kCols, a.N)) * G * pbytes;
+      for (int64_t o = lo; o < hi; o += 64) {
+        _mm_prefetch(static_cast<const char*>(a.scales) + o, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(a.biases) + o, _MM_HINT_T0);
+      }
+    };
+    const int nb_i = task / mt, mb = task % mt;
+    const int m0 = mb * kRowsPerTask, m1 = std::min(a.M, m0 + kRowsPerTask);
+    const int p_end = bounds[nb_i + 1];
+    if (a.M <= kMaxDirectRows) {
+      const DirectFn fn = rows_layout ? (a.bits == 4 ? row_tile<4> : row_tile<8>) : direct[a.M - 1];
+      for (int p = bounds[nb_i]; p < p_end; ++p) {
+        const int n0 = p * kCols;
+        const int rows = std::min(kCols, a.N - n0);
+        pack_params(a, n0, rows, s_p, bb_p);
+        prefetch_params(n0 + kCols, 1);
+        // Prefetch the next panel (the last one re-reads its own rows).
+        const int nn = n0 + kCols < a.N ? n0 + kCols : n0;
+        fn(x, a.w + n0 * D, D, rows, s_p, bb_p, bpg, a.y + n0, a.N, reinterpret_cast<const char*>(a.w + nn * D));
+      }
+      return;
+    }
+    for (int p0 = bounds[nb_i]; p0 < p_end; p0 += kMaxPanels) {
+      const int np = std::min(kMaxPanels, p_end - p0);
+      const int n0 = p0 * kCols;
+      const int cols = std::min(np * kCols, a.N - n0);
+      // The next panels' bytes, prefetched while these are packed.
+      const int64_t next_n = std::min<int64_t>(a.N, n0 + 2 * kMaxPanels * kCols) - (n0 + np * kCols);
+      const char* next = reinterpret_cast<const char*>(a.w + (n0 + np * kCols) * D);
+      for (int v = 0; v < np; ++v) {
+        const int rows = std::min(kCols, cols - v * kCols);
+        pack_words(
+            a.w + (n0 + v * kCols) * D, D, rows, pw + v * panel_words, next + v * (next_n * D * 4 / np),
+            std::max<int64_t>(0, next_n) * D * 4 / np);
+        pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
+      }
+      run_tiles(pw, np, n0, m0, m1);
+    }
+  });
+}
+
+#else // not x86-64: the panel kernels do not exist
+
+bool panel_kernels_enabled() {
+  return false;
+}
+void set_panel_kernels(bool) {}
+bool panel_supported(int, int, int, Mode) {
+  return false;
+}
+void qmatmul_panel(const QMatmulArgs&, Mode) {}
+
+#endif
+
+} // namespace mlx_llama
