@@ -52,6 +52,68 @@ TARGET_AVX2 void axpy_avx2(float a, const float* x, float* y, int n) {
   }
 }
 
+// The dot products of `nh` query rows (q + i * q_stride) with one key, each
+// reduced exactly as kernels.cpp's dot_f32 reduces it (two accumulators
+// over 16-float chunks, the 8-float tail into the first, then the same
+// horizontal sum): results are bit-identical to dot_f32's, whichever rows
+// share the call. D is a multiple of 8.
+template <int NH>
+TARGET_AVX2 inline void dots_avx2(const float* q, int64_t q_stride, const float* k, int D, float* out) {
+  __m256 a0[NH], a1[NH];
+  for (int i = 0; i < NH; ++i) {
+    a0[i] = _mm256_setzero_ps();
+    a1[i] = _mm256_setzero_ps();
+  }
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256 k0 = _mm256_loadu_ps(k + d), k1 = _mm256_loadu_ps(k + d + 8);
+    for (int i = 0; i < NH; ++i) {
+      a0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * q_stride + d), k0, a0[i]);
+      a1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * q_stride + d + 8), k1, a1[i]);
+    }
+  }
+  if (d < D) {
+    const __m256 k0 = _mm256_loadu_ps(k + d);
+    for (int i = 0; i < NH; ++i) {
+      a0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * q_stride + d), k0, a0[i]);
+    }
+  }
+  for (int i = 0; i < NH; ++i) {
+    // hsum256 of kernels.cpp: (lo + hi), then pairs, then the two pair sums.
+    const __m256 v = _mm256_add_ps(a0[i], a1[i]);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 sm = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, sm);
+    out[i] = _mm_cvtss_f32(_mm_add_ss(sm, sh));
+  }
+}
+
+// y (D floats) = sum_t a[t] * v_t over t in [0, n), accumulated in t order
+// with one FMA per element and step, as repeated axpy_avx2 calls on a
+// zeroed y do (the same bits), but in registers, 64 floats at a time.
+TARGET_AVX2 void weighted_sum_avx2(const float* a, const float* v, int64_t v_stride, int n, int D, float* y) {
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    const int nc = std::min(64, D - d0) / 8;
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) {
+      acc[c] = _mm256_setzero_ps();
+    }
+    for (int t = 0; t < n; ++t) {
+      const __m256 at = _mm256_set1_ps(a[t]);
+      const float* vt = v + t * v_stride + d0;
+      for (int c = 0; c < 8; ++c) {
+        if (c < nc) {
+          acc[c] = _mm256_fmadd_ps(at, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+        }
+      }
+    }
+    for (int c = 0; c < nc; ++c) {
+      _mm256_storeu_ps(y + d0 + 8 * c, acc[c]);
+    }
+  }
+}
+
 // e^x (Cephes expf: range reduction to [-ln2/2, ln2/2] and a degree-5
 // polynomial; ~1 ulp), x clamped to [-87.3, 88.3]: no overflow to inf, and
 // tiny results instead of denormals.
@@ -410,6 +472,52 @@ void AttentionCPU::eval_cpu(
     const int B = q.shape(0), L = q.shape(1), H = q.shape(2), D = q.shape(3);
     const int Hkv = k.shape(1), T = k.shape(2);
     const int group = H / Hkv;
+#ifdef MLXL_X86
+    if (cpu_has_avx2() && D % 8 == 0) {
+      // One task per (batch, kv head): its query heads share each key load.
+      // Per query row and head the same operations as the generic loop
+      // below, in the same order: the same bits, 3-4x faster (no call per
+      // key, outputs kept in registers).
+      ThreadPool::instance().parallel_for(B * Hkv, [&](int task, int) {
+        const int b = task / Hkv, kh = task % Hkv;
+        const float* kb = kp + b * kst[0] + kh * kst[1];
+        const float* vb = vp + b * vst[0] + kh * vst[1];
+        std::vector<float> p(size_t(group) * T);
+        float s[4];
+        for (int l = 0; l < L; ++l) {
+          const int n = causal ? T - L + l + 1 : T;
+          const float* q0 = qp + ((int64_t(b) * L + l) * H + kh * group) * D;
+          for (int t = 0; t < n; ++t) {
+            const float* kt = kb + t * kst[2];
+            int h = 0;
+            for (; h + 4 <= group; h += 4) {
+              dots_avx2<4>(q0 + h * D, D, kt, D, s);
+              for (int i = 0; i < 4; ++i) {
+                p[size_t(h + i) * T + t] = s[i] * scale;
+              }
+            }
+            for (; h < group; ++h) {
+              dots_avx2<1>(q0 + h * D, D, kt, D, s);
+              p[size_t(h) * T + t] = s[0] * scale;
+            }
+          }
+          for (int h = 0; h < group; ++h) {
+            float* ph = p.data() + size_t(h) * T;
+            float m = -INFINITY;
+            for (int t = 0; t < n; ++t) {
+              m = std::max(m, ph[t]);
+            }
+            const float inv = 1.f / exp_sub_sum_any(ph, n, m);
+            for (int t = 0; t < n; ++t) {
+              ph[t] *= inv;
+            }
+            weighted_sum_avx2(ph, vb, vst[2], n, D, y + ((int64_t(b) * L + l) * H + kh * group + h) * D);
+          }
+        }
+      });
+      return;
+    }
+#endif
     ThreadPool::instance().parallel_for(B * H, [&](int task, int) {
       const int b = task / H, h = task % H, kh = h / group;
       const float* kb = kp + b * kst[0] + kh * kst[1];
