@@ -126,7 +126,8 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
 
 def run_engine(name: str, weights: Path, args: argparse.Namespace, gap: bool) -> dict[str, Any]:
     spec = dict(name=name, weights=str(weights), n_prompt=args.n_prompt, n_gen=args.n_gen, seed=args.seed,
-                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0, gap_prompt=2 * args.chunk)
+                batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0,
+                gap_prompt=args.gap_prompt or 2 * args.chunk)
     r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16")
     ap.add_argument("--bits", default="4,8")
     ap.add_argument("--chunk", type=int, default=64, help="the engine's prefill chunk")
+    ap.add_argument("--gap-prompt", type=int, help="tokens of the prompt joining B=8 streams (default: 2 chunks)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--peers", default="mlx-llama,llamacpp", help="from mlx-llama, llamacpp, mlx-lm")
