@@ -254,6 +254,20 @@ def test_the_gap_target_sizes_prefill_while_streams_decode(qmodel: Model, gap_ta
         assert produced == ([first, second] if n == steps else [first])
 
 
+def test_prompts_loading_together_share_the_gap_target(qmodel: Model) -> None:
+    """Nothing decodes yet, but a second prompt waits on the step: the target applies (one chunk here)."""
+    engine = Engine(qmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
+                                         gap_target_ms=1e-3))
+    engine.submit(GenerationRequest(PROMPTS[0], 1))  # one step, measured
+    engine.step()
+    a, b = (engine.submit(GenerationRequest(PROMPTS[5], 4)) for _ in range(2))  # 45 tokens: 3 chunks each
+    first_token_step = {}
+    for n in range(1, 7):
+        for e in engine.step():
+            first_token_step.setdefault(e.request_id, n)
+    assert first_token_step == {a: 3, b: 6}
+
+
 def test_bad_gap_target_is_refused(qmodel: Model) -> None:
     with pytest.raises(MlxLlamaError, match="gap target"):
         Engine(qmodel, EngineConfig(gap_target_ms=0))
