@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
+import re
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -71,6 +73,20 @@ def busy_engine(model: Any, args: argparse.Namespace, rng: np.random.Generator) 
 
 def prompt(rng: np.random.Generator, n: int) -> list[int]:
     return list(map(int, rng.integers(0, throughput.PROMPT_VOCAB, n)))
+
+
+def graph_nodes(engine: Engine) -> Counter[str]:
+    """The primitives of one step's graph, by name (the step is then evaluated as usual)."""
+    engine._admit([])
+    segments, tokens, rows, sampled = engine._plan()
+    logits = engine.model.forward_packed(mx.array(np.asarray(tokens, dtype=np.int32))[None], segments, rows)
+    outputs = [logits, *[c.state[0] for _, cache in segments for c in cache]]
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    mx.eval(outputs)
+    for seq, row in zip(sampled, np.array(logits.astype(mx.float32))):
+        engine._sample(seq, row)
+    return Counter(re.findall(r'label ="([A-Za-z]+)', dot.getvalue()))
 
 
 def lazy_step(engine: Engine) -> dict[str, float]:
@@ -161,8 +177,10 @@ def profile(engine: Engine, steps: int, join: Callable[[], None] | None, eval_co
         totals["eager step"] = 1e3 * (time.perf_counter() - s)
         for k, v in totals.items():
             eager[k].append(v)
+    if join:
+        join()
     return {"lazy": {k: statistics.median(v) for k, v in lazy.items()},
-            "eager": {k: statistics.median(v) for k, v in eager.items()}}
+            "eager": {k: statistics.median(v) for k, v in eager.items()}, "nodes": graph_nodes(engine)}
 
 
 def table(title: str, r: dict[str, Any]) -> list[str]:
@@ -178,15 +196,28 @@ def table(title: str, r: dict[str, Any]) -> list[str]:
     lines += [f"| {c} | {eg.get(c, 0.0):.1f} | {eg.get(c, 0.0) / lz['mx.eval']:.0%} |" for c in classes]
     lines += [f"| rest (embedding, adds, concatenations, gather; graph scheduling) | "
               f"{lz['mx.eval'] - accounted:.1f} | {(lz['mx.eval'] - accounted) / lz['mx.eval']:.0%} |", "",
-              f"The same step run eagerly (every op evaluated on its own) took {eg['eager step']:.1f} ms.", ""]
+              f"The same step run eagerly (every op evaluated on its own) took {eg['eager step']:.1f} ms.", "",
+              f"Graph: {sum(r['nodes'].values())} nodes: " +
+              ", ".join(f"{n} {k}" for k, n in r["nodes"].most_common(8)) + ".", ""]
     return lines
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """--preset, --weights, --work: which model the engine benchmarks load (`load_benchmark_model`)."""
+    ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--weights", type=Path, help="an MLX model directory (default: the preset's 4-bit random weights)")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "batch")
+
+
+def load_benchmark_model(args: argparse.Namespace) -> Any:
+    """The model named by `add_model_options`' arguments (random weights are written on first use)."""
+    weights = args.weights or throughput.prepare_mlx(throughput.prepare_hf(args.work, args.preset), args.work, 4)
+    return load_model(weights)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="llama-3.2-1b")
-    ap.add_argument("--weights", type=Path, help="an MLX model directory (default: the preset's 4-bit random weights)")
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "batch")
+    add_model_options(ap)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens of each decoding sequence")
     ap.add_argument("--chunk", type=int, default=32, help="prefill chunk (the mixed step adds one)")
@@ -194,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    weights = args.weights or throughput.prepare_mlx(throughput.prepare_hf(args.work, args.preset), args.work, 4)
-    model = load_model(weights)
+    model = load_benchmark_model(args)
     rng = np.random.default_rng(args.seed)
     eval_cost = eval_fixed_cost()
     engine = busy_engine(model, args, rng)

@@ -10,10 +10,11 @@ alternately in the same process, so a busy machine slows them alike; figures
 are medians over rounds.
 
     python benchmarks/engine_schedule.py                           # clients 4,8, 2 rounds
-    python benchmarks/engine_schedule.py --clients 1,4,8 --rounds 3
+    python benchmarks/engine_schedule.py --clients 1,4,8 --gap-targets 400,1500 --rounds 3
 
 Policies: `fixed32` (the engine before: 32 prompt tokens per step, no gap
-target) and `default` (EngineConfig's defaults: measured step cost, gap target).
+target) and `gap<ms>` for each of `--gap-targets` (EngineConfig's defaults:
+measured step cost, that gap target).
 """
 
 from __future__ import annotations
@@ -29,18 +30,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import throughput  # noqa: E402  (the random checkpoint and its MLX conversion, reused)
+import engine_profile  # noqa: E402  (the model options, shared)
+import throughput  # noqa: E402  (the prompt vocabulary and the log, reused)
 
 import numpy as np  # noqa: E402
 
 from mlx_llama.generation.engine import Engine, EngineConfig  # noqa: E402
 from mlx_llama.generation.requests import GenerationRequest  # noqa: E402
-from mlx_llama.loader import load_model  # noqa: E402
 
-POLICIES = {
-    "fixed32": dict(prefill_chunk=32, prefill_tokens_per_step=32, gap_target_ms=None),
-    "default": {},
-}
+FIXED32 = dict(prefill_chunk=32, prefill_tokens_per_step=32, gap_target_ms=None)  # the engine before
 
 
 def run_load(model: Any, policy: dict[str, Any], prompts: list[list[int]], clients: int, requests: int,
@@ -77,31 +75,30 @@ def run_load(model: Any, policy: dict[str, Any], prompts: list[list[int]], clien
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="llama-3.2-1b")
-    ap.add_argument("--weights", type=Path, help="an MLX model directory (default: the preset's 4-bit random weights)")
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "batch")
+    engine_profile.add_model_options(ap)
     ap.add_argument("--clients", default="4,8")
     ap.add_argument("--requests", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-lengths", default="16,64,128")
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--gap-targets", default="400", help="gap targets (ms) of the measured-cost policy")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    weights = args.weights or throughput.prepare_mlx(throughput.prepare_hf(args.work, args.preset), args.work, 4)
-    model = load_model(weights)
+    model = engine_profile.load_benchmark_model(args)
     clients = [int(c) for c in args.clients.split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")]
     rng = np.random.default_rng(args.seed)  # the prompts serve_load sends for the same seed
     prompts = [rng.integers(0, throughput.PROMPT_VOCAB, lengths[i % len(lengths)]).tolist()
                for i in range(max(clients) * args.requests)]
+    policies = {"fixed32": FIXED32, **{f"gap{g}": dict(gap_target_ms=float(g)) for g in args.gap_targets.split(",")}}
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     load_before = os.getloadavg()[0]
     for rnd in range(args.rounds):
         for c in clients:
-            for name in POLICIES if rnd % 2 == 0 else list(POLICIES)[::-1]:
-                r = run_load(model, POLICIES[name], prompts, c, args.requests, args.max_tokens, args.parallel)
+            for name in policies if rnd % 2 == 0 else list(policies)[::-1]:
+                r = run_load(model, policies[name], prompts, c, args.requests, args.max_tokens, args.parallel)
                 runs.setdefault((name, c), []).append(r)
                 throughput.log(f"round {rnd + 1} {name:8s} {c} clients: " +
                                ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
@@ -114,16 +111,18 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     med = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
     for c in clients:
-        for name in POLICIES:
+        for name in policies:
             m = med[(name, c)]
             lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {m['ttft_p50']:.2f} s | {m['ttft_p95']:.2f} s | "
                          f"{1e3 * m['gap_p50']:.0f} ms | {1e3 * m['gap_p95']:.0f} ms | {1e3 * m['gap_max']:.0f} ms |")
-    lines += ["", "| clients | TTFT p95 default ÷ fixed32 | gap max default ÷ fixed32 | tok/s default ÷ fixed32 |",
-              "|---|---|---|---|"]
+    lines += ["", "| policy | clients | TTFT p95 ÷ fixed32 | gap max ÷ fixed32 | tok/s ÷ fixed32 |",
+              "|---|---|---|---|---|"]
     for c in clients:
-        a, b = med[("default", c)], med[("fixed32", c)]
-        lines.append(f"| {c} | {a['ttft_p95'] / b['ttft_p95']:.2f}× | {a['gap_max'] / b['gap_max']:.2f}× | "
-                     f"{a['tok_s'] / b['tok_s']:.2f}× |")
+        b = med[("fixed32", c)]
+        for name in list(policies)[1:]:
+            a = med[(name, c)]
+            lines.append(f"| {name} | {c} | {a['ttft_p95'] / b['ttft_p95']:.2f}× | {a['gap_max'] / b['gap_max']:.2f}× | "
+                         f"{a['tok_s'] / b['tok_s']:.2f}× |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
