@@ -234,10 +234,14 @@ def test_prefill_budget_changes_no_logits(qmodel: Model, max_kv_size: int | None
                                       err_msg=f"prompt {i}")
 
 
-def test_a_lone_prompt_loads_in_one_step(qmodel: Model) -> None:
-    engine = Engine(qmodel, EngineConfig(prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK))
+@pytest.mark.parametrize("gap_target_ms, steps", [(1e-3, 7), (None, 1)], ids=["tiny-target", "no-target"])
+def test_the_gap_target_sizes_a_lone_prompts_steps(qmodel: Model, gap_target_ms: float | None,
+                                                   steps: int) -> None:
+    engine = Engine(qmodel, EngineConfig(prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
+                                         gap_target_ms=gap_target_ms))
     rid = engine.submit(GenerationRequest(PROMPTS[-1], 4))  # 100 tokens: 7 chunks
-    assert [e.request_id for e in engine.step() if e.token is not None] == [rid]
+    for n in range(1, steps + 1):
+        assert [e.request_id for e in engine.step() if e.token is not None] == ([rid] if n == steps else [])
 
 
 @pytest.mark.parametrize("gap_target_ms, steps", [(1e-3, 7), (None, 1)], ids=["tiny-target", "no-target"])
@@ -254,8 +258,8 @@ def test_the_gap_target_sizes_prefill_while_streams_decode(qmodel: Model, gap_ta
         assert produced == ([first, second] if n == steps else [first])
 
 
-def test_prompts_loading_together_share_the_gap_target(qmodel: Model) -> None:
-    """Nothing decodes yet, but a second prompt waits on the step: the target applies (one chunk here)."""
+def test_prompts_loading_together_take_the_budget_in_arrival_order(qmodel: Model) -> None:
+    """One chunk a step here (a target no step meets): the first prompt loads first, then the second."""
     engine = Engine(qmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
                                          gap_target_ms=1e-3))
     engine.submit(GenerationRequest(PROMPTS[0], 1))  # one step, measured

@@ -19,15 +19,15 @@ kernels are row-invariant in M; which kernel modes are is stated in README.md
 ("Batched generation") and by `mlx-llama info`, and tests/test_engine.py checks it.
 
 Prefill scheduling.  A step takes whole prompt chunks, in admission order,
-each as its own segment (so a chunk computes the same bits in any step).  A
-lone prompt with nothing else running takes up to `prefill_tokens_per_step`
-tokens a step.  When other streams wait on the step (sequences decoding, or
-other prompts whose first token it delays), the prompt tokens it takes are
-sized by the measured cost of recent steps (`StepCost`: fixed + per-row
-seconds) so the step is predicted to finish within `gap_target_ms`; at least
-one chunk joins, so a prompt always advances.  A fixed token count would be
-wrong both ways: too small where the matmuls are cheap per row (a long
-first-token wait), too large on a slow machine (stalled streams).
+each as its own segment (so a chunk computes the same bits in any step), up to
+`prefill_tokens_per_step`.  Everyone running waits for a step (decoding
+streams for their next token, other prompts for their first, and new requests
+for admission), so the prompt tokens it takes are sized by the measured cost
+of recent steps (`StepCost`: fixed + per-row seconds) for the step to finish
+within `gap_target_ms`; at least one chunk joins, so a prompt always advances.
+A fixed token count would be wrong both ways: too small where the matmuls are
+cheap per row (a long first-token wait), too large on a slow machine (stalled
+streams).  Offline work (batch mode) sets no target and loads at full speed.
 
 Memory.  Each admitted request reserves the KV bytes it can reach (prompt +
 max_tokens, or the rotating window, rounded up to the cache's growth step);
@@ -81,9 +81,8 @@ class EngineConfig:
     # takes whole chunks, as many as the prefill policy allows (Engine._prefill_budget).
     prefill_chunk: int = 32
     prefill_tokens_per_step: int = 512  # at most this many prompt tokens join one step
-    # While other streams wait on a step (decoding ones, or other prompts), the
-    # prompt tokens it takes are limited so that its predicted time stays within
-    # this (at least one chunk still joins).  None: always up to prefill_tokens_per_step.
+    # The prompt tokens a step takes are limited so that its predicted time stays
+    # within this (at least one chunk still joins).  None: always up to prefill_tokens_per_step.
     gap_target_ms: float | None = 400.0
     prefix_cache_bytes: int = 0  # 0: no prefix cache across requests
 
@@ -306,17 +305,15 @@ class Engine:
         return segments, tokens, rows, sampled
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens this step may take.
+        """Prompt tokens this step may take: as many as the measured step cost says fit in
+        `gap_target_ms` beside the decode rows, never below one chunk (none: the full amount).
 
-        A lone prompt with nothing else running loads at full speed.  When other
-        streams wait on the step (decoding sequences, or other prompts whose
-        first token it delays), the step is sized by the measured step cost to
-        finish within `gap_target_ms`, never below one chunk.
+        Bounded even for a lone prompt: a request arriving meanwhile waits for the step too.
         """
         c = self.config
-        decoding = sum(not s.prefilling for s in self._running)
-        if c.gap_target_ms is None or (decoding == 0 and len(self._running) == 1):
+        if c.gap_target_ms is None:
             return c.prefill_tokens_per_step
+        decoding = sum(not s.prefilling for s in self._running)
         fits = self._step_cost.rows_within(c.gap_target_ms / 1e3)
         return min(c.prefill_tokens_per_step, max(c.prefill_chunk, (fits or 0) - decoding))
 
