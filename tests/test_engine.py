@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_llama.convert import convert
+from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.engine import Engine, EngineConfig, QueueFull, RequestRefused
 from mlx_llama.generation.loop import generate_tokens
 from mlx_llama.generation.requests import GenerationRequest, TokenEvent
@@ -217,3 +218,60 @@ def run_events(engine: Engine, rid: int) -> list[TokenEvent]:
     while engine.has_work:
         out += [e for e in engine.step() if e.request_id == rid]
     return out
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 40], ids=["growing", "rotating"])
+def test_prefill_budget_changes_no_logits(qmodel: Model, max_kv_size: int | None) -> None:
+    """Whole chunks, one per step or many per step (one segment each), give the same bits."""
+    def engine(tokens_per_step: int) -> Engine:
+        return Engine(qmodel, EngineConfig(max_batch=8, max_kv_size=max_kv_size, prefill_chunk=CHUNK,
+                                           prefill_tokens_per_step=tokens_per_step, gap_target_ms=None))
+
+    reqs = lambda: [request(i, True) for i in range(len(PROMPTS))]  # noqa: E731
+    small, large = run(engine(CHUNK), reqs()), run(engine(16 * CHUNK), reqs())
+    for i in range(len(PROMPTS)):
+        np.testing.assert_array_equal(tokens_and_logits(large[i])[1], tokens_and_logits(small[i])[1],
+                                      err_msg=f"prompt {i}")
+
+
+@pytest.mark.parametrize("gap_target_ms, steps", [(1e-3, 7), (None, 1)], ids=["tiny-target", "no-target"])
+def test_the_gap_target_sizes_a_lone_prompts_steps(qmodel: Model, gap_target_ms: float | None,
+                                                   steps: int) -> None:
+    engine = Engine(qmodel, EngineConfig(prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
+                                         gap_target_ms=gap_target_ms))
+    rid = engine.submit(GenerationRequest(PROMPTS[-1], 4))  # 100 tokens: 7 chunks
+    for n in range(1, steps + 1):
+        assert [e.request_id for e in engine.step() if e.token is not None] == ([rid] if n == steps else [])
+
+
+@pytest.mark.parametrize("gap_target_ms, steps", [(1e-3, 7), (None, 1)], ids=["tiny-target", "no-target"])
+def test_the_gap_target_sizes_prefill_while_streams_decode(qmodel: Model, gap_target_ms: float | None,
+                                                           steps: int) -> None:
+    """A target no step can meet leaves one chunk per step; without a target the prompt joins at once."""
+    engine = Engine(qmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
+                                         gap_target_ms=gap_target_ms))
+    first = engine.submit(GenerationRequest(PROMPTS[1], 40))
+    engine.step()  # it now decodes
+    second = engine.submit(GenerationRequest(PROMPTS[-1], 4))  # 100 tokens: 7 chunks of 16
+    for n in range(1, steps + 1):
+        produced = [e.request_id for e in engine.step() if e.token is not None]
+        assert produced == ([first, second] if n == steps else [first])
+
+
+def test_prompts_loading_together_take_the_budget_in_arrival_order(qmodel: Model) -> None:
+    """One chunk a step here (a target no step meets): the first prompt loads first, then the second."""
+    engine = Engine(qmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK, prefill_tokens_per_step=8 * CHUNK,
+                                         gap_target_ms=1e-3))
+    engine.submit(GenerationRequest(PROMPTS[0], 1))  # one step, measured
+    engine.step()
+    a, b = (engine.submit(GenerationRequest(PROMPTS[5], 4)) for _ in range(2))  # 45 tokens: 3 chunks each
+    first_token_step = {}
+    for n in range(1, 7):
+        for e in engine.step():
+            first_token_step.setdefault(e.request_id, n)
+    assert first_token_step == {a: 3, b: 6}
+
+
+def test_bad_gap_target_is_refused(qmodel: Model) -> None:
+    with pytest.raises(MlxLlamaError, match="gap target"):
+        Engine(qmodel, EngineConfig(gap_target_ms=0))

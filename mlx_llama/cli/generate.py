@@ -182,7 +182,9 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             # `generate -p` gives for that prompt (bit for bit where the kernels are batch-invariant).
             step = cache_opts["prefill_step_size"]
             engine = EngineConfig(max_batch=batch_size, max_queue=len(prompts), max_kv_size=cache_opts["max_kv_size"],
-                                  keep=cache_opts["keep"], prefill_chunk=step, prefill_tokens_per_step=step)
+                                  keep=cache_opts["keep"], prefill_chunk=step,
+                                  prefill_tokens_per_step=max(step, EngineConfig.prefill_tokens_per_step),
+                                  gap_target_ms=None)  # offline: prompts load at full speed
             _run_batch(model, tokenizer, prompts, ids, batch_out, engine,
                        max_tokens=max_tokens, sampling=params, stop_strings=stop_strings)
     if verbose and prompts_file is None:

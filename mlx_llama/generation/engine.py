@@ -18,6 +18,17 @@ runs), and sampling is per row in NumPy with the request's own RNG
 kernels are row-invariant in M; which kernel modes are is stated in README.md
 ("Batched generation") and by `mlx-llama info`, and tests/test_engine.py checks it.
 
+Prefill scheduling.  A step takes whole prompt chunks, in admission order,
+each as its own segment (so a chunk computes the same bits in any step), up to
+`prefill_tokens_per_step`.  Everyone running waits for a step (decoding
+streams for their next token, other prompts for their first, and new requests
+for admission), so the prompt tokens it takes are sized by the measured cost
+of recent steps (`StepCost`: fixed + per-row seconds) for the step to finish
+within `gap_target_ms`; at least one chunk joins, so a prompt always advances.
+A fixed token count would be wrong both ways: too small where the matmuls are
+cheap per row (a long first-token wait), too large on a slow machine (stalled
+streams).  Offline work (batch mode) sets no target and loads at full speed.
+
 Memory.  Each admitted request reserves the KV bytes it can reach (prompt +
 max_tokens, or the rotating window, rounded up to the cache's growth step);
 requests wait in a bounded FIFO queue while the budget or the slots are full.
@@ -31,6 +42,7 @@ and `step`.  A server runs it on its own thread behind a queue.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -41,6 +53,7 @@ from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.prefix_cache import PrefixCache
 from mlx_llama.generation.requests import FinishReason, GenerationRequest, RequestInfo, TokenEvent
 from mlx_llama.generation.row_sampler import RowSampler
+from mlx_llama.generation.step_cost import StepCost
 from mlx_llama.interfaces import KVCache
 from mlx_llama.model.cache import GROWTH_STEP
 from mlx_llama.model.llama import Model
@@ -64,10 +77,13 @@ class EngineConfig:
     max_kv_size: int | None = None  # rotating caches of this many tokens (None: growing)
     keep: int = 4  # with max_kv_size: leading tokens never evicted
     # Prompt tokens per chunk; chunk boundaries sit at multiples of it in each
-    # sequence's own positions.  Small chunks keep the inter-token gap of running
-    # streams short while a prompt loads.
+    # sequence's own positions, whatever else runs (batch invariance).  A step
+    # takes whole chunks, as many as the prefill policy allows (Engine._prefill_budget).
     prefill_chunk: int = 32
-    prefill_tokens_per_step: int = 32  # at most this many prompt tokens join one step (bounds the gap)
+    prefill_tokens_per_step: int = 512  # at most this many prompt tokens join one step
+    # The prompt tokens a step takes are limited so that its predicted time stays
+    # within this (at least one chunk still joins).  None: always up to prefill_tokens_per_step.
+    gap_target_ms: float | None = 400.0
     prefix_cache_bytes: int = 0  # 0: no prefix cache across requests
 
     def validate(self) -> None:
@@ -77,6 +93,8 @@ class EngineConfig:
             raise MlxLlamaError("the queue size must be >= 0")
         if self.prefill_chunk < 1 or self.prefill_tokens_per_step < self.prefill_chunk:
             raise MlxLlamaError("need 1 <= prefill chunk <= prefill tokens per step")
+        if self.gap_target_ms is not None and not self.gap_target_ms > 0:
+            raise MlxLlamaError("the gap target must be a positive number of milliseconds")
         if self.kv_budget_bytes < 1:
             raise MlxLlamaError("the KV budget must be positive")
         if self.max_kv_size is not None and not 0 <= self.keep < self.max_kv_size:
@@ -120,6 +138,7 @@ class Engine:
         self.reserved_bytes = 0
         c = self.config
         self.prefix_cache = PrefixCache(c.prefix_cache_bytes, c.prefill_chunk) if c.prefix_cache_bytes > 0 else None
+        self._step_cost = StepCost()
 
     # -- requests ---------------------------------------------------------
 
@@ -212,6 +231,7 @@ class Engine:
         self._admit(events)
         if not self._running:
             return events
+        start = time.perf_counter()
         segments, tokens, rows, sampled = self._plan()
         logits = self.model.forward_packed(mx.array(np.asarray(tokens, dtype=np.int32))[None], segments, rows)
         # Evaluate now: the caches' lazy graphs must not span steps.
@@ -219,6 +239,7 @@ class Engine:
         table = np.array(logits.astype(mx.float32)) if rows else np.empty((0, 0), np.float32)
         for seq, row in zip(sampled, table):
             events.append(self._sample(seq, row))
+        self._step_cost.observe(len(tokens), time.perf_counter() - start)
         return events
 
     def _admit(self, events: list[TokenEvent]) -> None:
@@ -247,27 +268,54 @@ class Engine:
         self._running.append(seq)
 
     def _plan(self) -> tuple[list[tuple[int, list[KVCache]]], list[int], list[int], list[_Sequence]]:
-        """This step's segments, packed tokens, logits rows and the sequences those rows sample."""
+        """This step's segments, packed tokens, logits rows and the sequences those rows sample.
+
+        Decoding sequences add one row each; prefilling ones, in admission
+        order, add whole chunks while the step's prefill budget lasts (one
+        segment per chunk, so a chunk computes exactly as it would in a step of
+        its own).  A chunk that does not fit is never cut: a later, shorter
+        one may still take the room.
+        """
         c = self.config
         segments, tokens, rows, sampled = [], [], [], []
-        prefill_left = c.prefill_tokens_per_step
+        prefill_left = self._prefill_budget()
         for seq in self._running:
-            if seq.prefilling:
+            if not seq.prefilling:
+                tokens.append(seq.generated[-1])
+                segments.append((1, seq.cache))
+                rows.append(len(tokens) - 1)
+                sampled.append(seq)
+                continue
+            while seq.prefilling:
                 end = min(len(seq.prompt), (seq.fed // c.prefill_chunk + 1) * c.prefill_chunk)
                 n = end - seq.fed
                 if n > prefill_left:
-                    continue  # its chunk waits for the next step (chunks are never cut shorter)
+                    break  # it waits for the next step
                 prefill_left -= n
-                chunk = seq.prompt[seq.fed : end]
+                tokens.extend(seq.prompt[seq.fed : end])
+                segments.append((n, seq.cache))
                 seq.fed = end
-            else:
-                chunk = [seq.generated[-1]]
-            segments.append((len(chunk), seq.cache))
-            tokens.extend(chunk)
-            if not seq.prefilling:
-                rows.append(len(tokens) - 1)
-                sampled.append(seq)
+                if not seq.prefilling:
+                    rows.append(len(tokens) - 1)
+                    sampled.append(seq)
+                elif c.max_kv_size is not None:
+                    # A rotating cache's mask for a chunk depends on what the chunk before
+                    # it evicted, and masks are made before the pass: one chunk per step.
+                    break
         return segments, tokens, rows, sampled
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may take: as many as the measured step cost says fit in
+        `gap_target_ms` beside the decode rows, never below one chunk (none: the full amount).
+
+        Bounded even for a lone prompt: a request arriving meanwhile waits for the step too.
+        """
+        c = self.config
+        if c.gap_target_ms is None:
+            return c.prefill_tokens_per_step
+        decoding = sum(not s.prefilling for s in self._running)
+        fits = self._step_cost.rows_within(c.gap_target_ms / 1e3)
+        return min(c.prefill_tokens_per_step, max(c.prefill_chunk, (fits or 0) - decoding))
 
     def _sample(self, seq: _Sequence, logits: np.ndarray) -> TokenEvent:
         draw = seq.sampler.draw(logits)
