@@ -12,6 +12,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from mlx_llama.generation.loop import generate_tokens
+from mlx_llama.generation.sampler import Sampler, SamplingParams
+from mlx_llama.loader import load_model
 from mlx_llama.tokenizer import Tokenizer
 from serve_process import ServerProcess
 
@@ -152,6 +155,19 @@ def test_seeded_sampling_is_reproducible(client: Any) -> None:
     assert runs[0] == runs[1]
 
 
+def test_penalties_match_the_single_sequence_loop(client: Any, quantized_chat_model: Path,
+                                                 tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+    penalties = {"presence_penalty": 0.6, "frequency_penalty": 1.2}
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, **penalties)
+    ids = list(generate_tokens(load_model(quantized_chat_model, "float32"), prompt, max_tokens=12,
+                               sampler=Sampler(SamplingParams(**penalties)), stop_ids=tokenizer.stop_ids))
+    answer = [t for t in ids if t not in tokenizer.stop_ids]
+    assert r.choices[0].text == tokenizer.decode(answer)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert plain.choices[0].text != r.choices[0].text
+
+
 def test_eight_concurrent_streams_equal_solo_runs(client: Any) -> None:
     prompts = [f"Request number {i}: " + "word " * (3 * i) for i in range(8)]
     solo = [stream_chat(client, p, max_tokens=10)[0] for p in prompts]
@@ -213,9 +229,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": user("x"), "max_tokens": "ten"}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": user("x"), "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": user("x"), "n": 2}, 400, "n"),
-    ("/v1/chat/completions", {"messages": user("x"), "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/chat/completions", {"messages": user("x"), "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": user("x"), "n": 17}, 400, "n"),
+    ("/v1/chat/completions", {"messages": user("x"), "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"messages": user("x"), "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": user("x"), "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("/v1/chat/completions", {"messages": user("x"), "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": user("x"), "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
@@ -265,7 +282,7 @@ def test_unknown_routes_get_an_error_object(server: ServerProcess, method: str, 
 
 def test_openai_client_raises_on_bad_input(client: Any) -> None:
     with pytest.raises(openai.BadRequestError):
-        chat(client, "x", max_tokens=2, n=3)
+        chat(client, "x", max_tokens=2, n=17)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=user("x"))
 

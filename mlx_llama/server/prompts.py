@@ -53,9 +53,6 @@ def check_request(request: AnyRequest, served: ServedModel) -> None:
                        param="model", code="model_not_found")
     if request.n != 1:
         raise _unsupported("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) != 0:
-            raise _unsupported(name, "not supported; use repetition_penalty")
     if request.logit_bias:
         raise _unsupported("logit_bias", "not supported")
     if isinstance(request, CompletionRequest):
@@ -146,7 +143,9 @@ def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: S
         limit = served.default_max_tokens
     opts = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                 min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-                repetition_context_size=SamplingParams.repetition_context_size, seed=request.seed)
+                repetition_context_size=SamplingParams.repetition_context_size,
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                seed=request.seed)
     try:
         sampling = sampling_params(opts, served.generation_config)
     except MlxLlamaError as e:

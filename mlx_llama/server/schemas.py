@@ -15,6 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
+MAX_CHOICES = 16  # `n`: choices per request (each decodes as its own sequence)
+
+
 class _Body(BaseModel):
     """A request or a part of one: strictly typed; unknown fields ignored (see above)."""
 
@@ -34,7 +37,7 @@ class _Request(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: "StreamOptions | None" = None
 
