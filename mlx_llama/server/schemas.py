@@ -32,7 +32,7 @@ class _Request(_Body):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)  # NumPy seeds its generators with non-negative integers
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
