@@ -12,6 +12,7 @@ headers went out is an `error` event (the client raises it), and the stream ends
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -53,10 +54,12 @@ async def _events(submitted: Submitted, spec: StreamSpec, chunkers: list[Callabl
     for opening in openings:
         yield sse(opening)
     try:
-        async for index, piece in merged_pieces(submitted.choices, spec.on_first_event):
-            if piece.text or piece.finish_reason or piece.token_ids or (spec.logprobs and piece.logprobs):
-                for chunk in chunkers[index](piece):
-                    yield sse(chunk)
+        # aclosing: a client that hangs up closes this generator, and with it the jobs, at once.
+        async with aclosing(merged_pieces(submitted.choices, spec.on_first_event)) as pieces:
+            async for index, piece in pieces:
+                if piece.text or piece.finish_reason or piece.token_ids or (spec.logprobs and piece.logprobs):
+                    for chunk in chunkers[index](piece):
+                        yield sse(chunk)
     except GenerationFailed as e:
         yield sse(error_body(500, str(e), code="engine_error"))
         return
