@@ -40,9 +40,17 @@ def fmodel(make_checkpoint: Callable[..., Path]) -> Model:
     return load_model(make_checkpoint(), "float32")
 
 
-def request(i: int, seeded: bool, **kw) -> GenerationRequest:
-    sampling = SamplingParams(temperature=0.9, top_k=50, seed=100 + i) if seeded else SamplingParams()
-    return GenerationRequest(PROMPTS[i], kw.pop("max_tokens", MAX_TOKENS), sampling, return_logits=True, **kw)
+SAMPLING = {
+    "greedy": lambda i: SamplingParams(),
+    "seeded": lambda i: SamplingParams(temperature=0.9, top_k=50, seed=100 + i),
+    # OpenAI's penalties on every row, greedy and sampled rows mixed in one batch.
+    "penalised": lambda i: SamplingParams(temperature=0.9 * (i % 2), top_k=50, presence_penalty=0.8,
+                                          frequency_penalty=0.6, seed=100 + i),
+}
+
+
+def request(i: int, sampling: str, **kw) -> GenerationRequest:
+    return GenerationRequest(PROMPTS[i], kw.pop("max_tokens", MAX_TOKENS), SAMPLING[sampling](i), return_logits=True, **kw)
 
 
 def run(engine: Engine, requests: list[GenerationRequest], stagger: bool = False) -> dict[int, list[TokenEvent]]:
@@ -63,14 +71,14 @@ def tokens_and_logits(events: list[TokenEvent]) -> tuple[list[int], np.ndarray]:
     return [e.token for e in events], np.stack([e.logits for e in events])
 
 
-@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("sampling", list(SAMPLING))
 @pytest.mark.parametrize("max_kv_size", [None, 40], ids=["growing", "rotating"])
-def test_batch_invariance(qmodel: Model, seeded: bool, max_kv_size: int | None) -> None:
+def test_batch_invariance(qmodel: Model, sampling: str, max_kv_size: int | None) -> None:
     def engine(batch: int) -> Engine:
         return Engine(qmodel, EngineConfig(max_batch=batch, max_kv_size=max_kv_size, prefill_chunk=CHUNK,
                                            prefill_tokens_per_step=2 * CHUNK))
 
-    reqs = lambda: [request(i, seeded) for i in range(len(PROMPTS))]  # noqa: E731 (fresh constraint-free copies)
+    reqs = lambda: [request(i, sampling) for i in range(len(PROMPTS))]  # noqa: E731 (fresh constraint-free copies)
     together = run(engine(8), reqs())
     staggered = run(engine(8), reqs(), stagger=True)
     alone = run(engine(1), reqs())
@@ -86,21 +94,36 @@ def test_batch_invariance(qmodel: Model, seeded: bool, max_kv_size: int | None) 
         assert all(len(p) + MAX_TOKENS > max_kv_size for p in PROMPTS[3:])
 
 
-@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
-def test_same_ids_as_the_single_sequence_loop(qmodel: Model, seeded: bool) -> None:
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+def test_same_ids_as_the_single_sequence_loop(qmodel: Model, sampling: str) -> None:
     events = run(Engine(qmodel, EngineConfig(max_batch=8, prefill_chunk=CHUNK)),
-                 [request(i, seeded) for i in range(len(PROMPTS))])
+                 [request(i, sampling) for i in range(len(PROMPTS))])
     for i, prompt in enumerate(PROMPTS):
-        sampler = Sampler(request(i, seeded).sampling)
+        sampler = Sampler(request(i, sampling).sampling)
         expected = list(generate_tokens(qmodel, prompt, max_tokens=MAX_TOKENS, sampler=sampler,
                                         prefill_step_size=CHUNK))
         assert [e.token for e in events[i]] == expected, f"prompt {i}"
 
 
+def test_penalised_greedy_rows_follow_openais_formula(qmodel: Model) -> None:
+    """Each greedy penalised token is the argmax of the raw logits minus OpenAI's penalty, computed here."""
+    events = run(Engine(qmodel, EngineConfig(max_batch=8, prefill_chunk=CHUNK)),
+                 [request(i, "penalised") for i in range(0, len(PROMPTS), 2)])
+    changed = 0
+    for row in events.values():
+        ids, logits = tokens_and_logits(row)
+        for t, step in enumerate(logits):
+            counts = np.bincount(ids[:t], minlength=len(step))
+            expected = int(np.argmax(step.astype(np.float64) - (0.8 * (counts > 0) + 0.6 * counts)))
+            assert ids[t] == expected
+            changed += expected != int(np.argmax(step))
+    assert changed > 0  # the penalties did change some draws
+
+
 def test_float_model_is_deterministic_and_close_across_batches(fmodel: Model) -> None:
     """OpenBLAS's sgemm blocks by M, so float32 logits only match to rounding across batch sizes;
     the same batch composition repeats bit for bit."""
-    reqs = lambda: [request(i, False) for i in range(4)]  # noqa: E731
+    reqs = lambda: [request(i, "greedy") for i in range(4)]  # noqa: E731
     first = run(Engine(fmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK)), reqs())
     again = run(Engine(fmodel, EngineConfig(max_batch=4, prefill_chunk=CHUNK)), reqs())
     alone = run(Engine(fmodel, EngineConfig(max_batch=1, prefill_chunk=CHUNK)), reqs())
@@ -172,7 +195,7 @@ def test_bad_requests_are_refused(qmodel: Model) -> None:
 
 def test_prefix_cache_reuses_aligned_prefixes_without_changing_logits(qmodel: Model) -> None:
     engine = Engine(qmodel, EngineConfig(prefill_chunk=CHUNK, prefix_cache_bytes=1 << 20))
-    run(engine, [request(7, False, max_tokens=3)])
+    run(engine, [request(7, "greedy", max_tokens=3)])
     follow_up = PROMPTS[7][:60] + [5, 6, 7]
     rid = engine.submit(GenerationRequest(follow_up, 8, return_logits=True))
     warm = []

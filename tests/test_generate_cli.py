@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_llama import generate_tokens
+from mlx_llama import Sampler, SamplingParams, generate_tokens
 from mlx_llama.cli.main import main
 from mlx_llama.loader import load_model
 
@@ -37,6 +37,17 @@ def test_generate_ids_with_bounded_cache_over_300_tokens(make_checkpoint):
             "--temp", "0.9", "--seed", "1")
     assert r.exit_code == 0, r.output
     assert 1 <= len(r.output.split()) <= 300
+
+
+def test_presence_and_frequency_penalty_flags_reach_the_sampler(make_checkpoint):
+    path = make_checkpoint()
+    flags = ["--prompt-ids", "1 5 9", "-n", "16", "--temp", "0"]
+    penalised = run("generate", "-m", str(path), *flags, "--presence-penalty", "0.5", "--frequency-penalty", "1.5")
+    assert penalised.exit_code == 0, penalised.output
+    sampler = Sampler(SamplingParams(presence_penalty=0.5, frequency_penalty=1.5))
+    expected = list(generate_tokens(load_model(path, "float32"), [1, 5, 9], max_tokens=16, sampler=sampler))
+    assert [int(t) for t in penalised.output.split()] == expected
+    assert penalised.output != run("generate", "-m", str(path), *flags).output
 
 
 def test_rotating_cache_never_exceeds_its_bound(make_checkpoint):
@@ -88,6 +99,8 @@ def test_prompt_longer_than_context(make_checkpoint):
     (["--temp", "-1"], "--temp"),
     (["--top-p", "0"], "--top-p"),
     (["--max-kv-size", "4", "--keep", "4"], "keep"),
+    (["--presence-penalty", "2.5"], "--presence-penalty"),
+    (["--frequency-penalty", "nan"], "--frequency-penalty"),
 ])
 def test_bad_sampling_flags(make_checkpoint, flags, fragment):
     assert_one_line_error(run("generate", "-m", str(make_checkpoint()), "--prompt-ids", "1", *flags), fragment)

@@ -12,6 +12,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from mlx_llama.generation.loop import generate_tokens
+from mlx_llama.generation.sampler import Sampler, SamplingParams
+from mlx_llama.loader import load_model
 from mlx_llama.tokenizer import Tokenizer
 from serve_process import ServerProcess
 
@@ -152,6 +155,76 @@ def test_seeded_sampling_is_reproducible(client: Any) -> None:
     assert runs[0] == runs[1]
 
 
+def test_penalties_match_the_single_sequence_loop(client: Any, quantized_chat_model: Path,
+                                                 tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+    penalties = {"presence_penalty": 0.6, "frequency_penalty": 1.2}
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, **penalties)
+    ids = list(generate_tokens(load_model(quantized_chat_model, "float32"), prompt, max_tokens=12,
+                               sampler=Sampler(SamplingParams(**penalties)), stop_ids=tokenizer.stop_ids))
+    answer = [t for t in ids if t not in tokenizer.stop_ids]
+    assert r.choices[0].text == tokenizer.decode(answer)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert plain.choices[0].text != r.choices[0].text
+
+
+def by_index(chunks: list[Any], field: str) -> dict[int, str]:
+    """A streamed answer's text per choice index (chat: the deltas' content; completions: text)."""
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            piece = choice.delta.content if field == "content" else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (piece or "")
+    return texts
+
+
+def test_n_chat_choices_stream_and_not(client: Any, tokenizer: Tokenizer) -> None:
+    kw = dict(max_tokens=4, temperature=1.0, seed=11)
+    r = chat(client, "Give me options", n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3  # each choice samples with its own seed
+    assert r.usage.prompt_tokens == len(tokenizer.encode_chat(user("Give me options")))  # counted once
+    assert r.usage.completion_tokens == 3 * 4
+    assert [c.message.content for c in chat(client, "Give me options", n=3, **kw).choices] == texts  # reproducible
+    assert chat(client, "Give me options", **kw).choices[0].message.content == texts[0]  # choice 0 is n=1's
+    chunks = list(client.chat.completions.create(model=MODEL, messages=user("Give me options"), n=3, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert by_index(chunks, "content") == dict(enumerate(texts))
+    finishes = [(ch.index, ch.finish_reason) for c in chunks for ch in c.choices if ch.finish_reason]
+    assert sorted(finishes) == [(0, "length"), (1, "length"), (2, "length")]
+    roles = [ch.index for c in chunks for ch in c.choices if ch.delta.role == "assistant"]
+    assert roles == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_n_text_completions_stream_and_not(client: Any) -> None:
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0.8, seed=3, n=3)
+    r = client.completions.create(**kw)
+    texts = {c.index: c.text for c in r.choices}
+    assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 3
+    assert r.usage.completion_tokens == 15
+    assert by_index(list(client.completions.create(stream=True, **kw)), "text") == texts
+
+
+def test_n_choices_share_one_prefill(server: ServerProcess, client: Any) -> None:
+    """The prompt is read once (by a one-token primer); each choice reads only its last partial chunk."""
+    prompt = list(range(1000, 1070))  # 70 ids no other test sends
+    aligned = (len(prompt) - 1) // 32 * 32  # what the prefix cache reuses (whole 32-token chunks)
+
+    def prefilled() -> float:
+        return _metric(server, "mlx_llama_prompt_tokens_total") - _metric(server, "mlx_llama_prompt_cached_tokens_total")
+
+    before = prefilled()
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, n=3)
+    assert prefilled() - before == len(prompt) + 3 * (len(prompt) - aligned)  # not 3 × 70
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.prompt_tokens_details.cached_tokens == 0
+    assert len({c.text for c in r.choices}) == 1  # greedy: every choice is the same answer
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, n=3)
+    assert again.usage.prompt_tokens_details.cached_tokens == aligned
+
+
 def test_eight_concurrent_streams_equal_solo_runs(client: Any) -> None:
     prompts = [f"Request number {i}: " + "word " * (3 * i) for i in range(8)]
     solo = [stream_chat(client, p, max_tokens=10)[0] for p in prompts]
@@ -213,9 +286,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": user("x"), "max_tokens": "ten"}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": user("x"), "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": user("x"), "n": 2}, 400, "n"),
-    ("/v1/chat/completions", {"messages": user("x"), "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/chat/completions", {"messages": user("x"), "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": user("x"), "n": 17}, 400, "n"),
+    ("/v1/chat/completions", {"messages": user("x"), "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"messages": user("x"), "n": 2, "seed": -1}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": user("x"), "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": user("x"), "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("/v1/chat/completions", {"messages": user("x"), "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": user("x"), "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
@@ -265,7 +340,7 @@ def test_unknown_routes_get_an_error_object(server: ServerProcess, method: str, 
 
 def test_openai_client_raises_on_bad_input(client: Any) -> None:
     with pytest.raises(openai.BadRequestError):
-        chat(client, "x", max_tokens=2, n=3)
+        chat(client, "x", max_tokens=2, n=17)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=user("x"))
 

@@ -26,10 +26,11 @@ class ScriptedEngine:
         self.produced: dict[int, int] = {}
         self.fail = threading.Event()
         self.full = False
+        self.capacity: int | None = None  # requests it holds before its queue is full
         self.reserved_bytes = 0
 
     def submit(self, request: GenerationRequest) -> int:
-        if self.full:
+        if self.full or (self.capacity is not None and len(self.requests) >= self.capacity):
             raise QueueFull("the engine's queue is full (0 requests waiting); retry later")
         request_id = len(self.produced) + 1
         self.requests[request_id], self.produced[request_id] = request, 0
@@ -137,3 +138,31 @@ def test_full_queue_is_429_with_retry_after(engine_and_client: tuple[ScriptedEng
     assert r.json()["error"]["type"] == "rate_limit_error"
     engine.full = False
     assert client.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 200
+
+
+def test_a_refused_choice_cancels_the_choices_already_queued(
+        engine_and_client: tuple[ScriptedEngine, TestClient]) -> None:
+    engine, client = engine_and_client
+    engine.capacity = 2
+    r = client.post("/v1/completions", json={**BODY, "n": 3})
+    assert r.status_code == 429
+    for _ in range(200):  # the cancellations reach the engine at its thread's next turn
+        if not engine.requests:
+            break
+        time.sleep(0.01)
+    assert engine.requests == {}
+    engine.capacity = None
+    r = client.post("/v1/completions", json={"prompt": [1], "max_tokens": 2, "n": 2})
+    assert [c["token_ids"] for c in r.json()["choices"]] == [[7, 7], [7, 7]]
+
+
+def test_engine_death_mid_stream_of_n_choices_ends_with_one_error_event(
+        engine_and_client: tuple[ScriptedEngine, TestClient]) -> None:
+    engine, client = engine_and_client
+    with client.stream("POST", "/v1/completions", json={**BODY, "stream": True, "n": 2}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        engine.fail.set()
+        rest = [line for line in lines if line]
+    assert '"error"' in rest[-1] and sum('"error"' in line for line in rest) == 1
+    assert "data: [DONE]" not in rest

@@ -68,6 +68,10 @@ sampling_options = _stack(
     click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True),
     click.option("--repetition-context-size", type=click.IntRange(min=1), default=20, show_default=True,
                  help="How many recent tokens the repetition penalty looks at."),
+    click.option("--presence-penalty", type=FiniteFloat(min=-2, max=2), default=0.0, show_default=True,
+                 help="OpenAI's: subtract this from the logit of every token already generated."),
+    click.option("--frequency-penalty", type=FiniteFloat(min=-2, max=2), default=0.0, show_default=True,
+                 help="OpenAI's: subtract this per time a token was already generated."),
     click.option("--seed", type=click.IntRange(min=0), default=None,
                  help="Seed for reproducible sampling (any non-negative integer: NumPy's generator takes them all)."),
     cache_options,
@@ -86,7 +90,7 @@ def sampling_params(opts: dict[str, Any], generation_config: Mapping[str, Any]) 
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=opts["top_k"], min_p=opts["min_p"],
         repetition_penalty=opts["repetition_penalty"], repetition_context_size=opts["repetition_context_size"],
-        seed=opts["seed"],
+        presence_penalty=opts["presence_penalty"], frequency_penalty=opts["frequency_penalty"], seed=opts["seed"],
     )
     params.validate()
     return params

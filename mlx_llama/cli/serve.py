@@ -112,6 +112,7 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
         vocab_size=model.config.vocab_size,
         eos_ids=frozenset(model.config.eos_token_id), created=int(time.time()),
         generation_config=model.generation_config,
+        shared_prefix=config.prefill_chunk if prompt_cache_bytes > 0 else None,
     )
     structured.prepare(tokenizer, model.config.vocab_size)  # response_format's matcher, built meanwhile
     metrics = ServerMetrics()

@@ -127,9 +127,9 @@ def _decode_loop(
     t0 = time.perf_counter()
     logits = prefill(model, cache, prompt, step)
     history = np.asarray(prompt, dtype=np.int64)
-    # With a repetition penalty the sampler needs every token in Python before the
-    # next draw, so the one-step lookahead pipelining is only used without it.
-    lookahead = sampler.params.repetition_penalty == 1.0
+    # With a penalty the sampler needs every token in Python before the next
+    # draw, so the one-step lookahead pipelining is only used without one.
+    lookahead = not sampler.params.reads_history
 
     def forward(token: Any) -> Any:
         return model(xp.reshape(token, (1, 1)), cache, last_only=True)[0, -1]
@@ -140,7 +140,7 @@ def _decode_loop(
             if not allowed.any():
                 raise MlxLlamaError("the output constraint allows no next token")
             logits = apply_allowed(xp, logits, allowed)
-        return sampler(xp, logits, history)
+        return sampler(xp, logits, history, history[len(prompt) :])
 
     token = draw(logits)
     _sync(xp, token)

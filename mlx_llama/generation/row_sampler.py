@@ -29,6 +29,7 @@ class RowSampler:
         self.request = request
         self.sampler = Sampler(request.sampling)
         self.history = np.asarray(request.prompt_ids, dtype=np.int64)
+        self._prompt_len = len(self.history)
 
     def draw(self, logits: np.ndarray) -> Draw:
         """`logits` (vocab,) float32, the model's raw output for this row (left unmodified).
@@ -37,13 +38,13 @@ class RowSampler:
         temperature, penalty, filters and constraint), as OpenAI's API reports them.
         """
         req = self.request
-        row = logits.copy()  # the sampler's repetition penalty edits in place
+        row = logits.copy()  # the sampler's penalties edit in place
         if req.constraint is not None:
             allowed = np.asarray(req.constraint.allowed(), dtype=bool)
             if not allowed.any():
                 return Draw(None)
             row = apply_allowed(np, row, allowed)
-        token = int(self.sampler(np, row, self.history))
+        token = int(self.sampler(np, row, self.history, self.history[self._prompt_len :]))
         self.history = np.append(self.history, token)
         if req.constraint is not None:
             req.constraint.advance(token)

@@ -22,7 +22,14 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repetition_context_size: int = 20
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in what was generated
     seed: int | None = None
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether a draw depends on the tokens before it (a penalty), not only on the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
         from mlx_llama.errors import MlxLlamaError
@@ -39,6 +46,9 @@ class SamplingParams:
             raise MlxLlamaError("repetition penalty must be > 0")
         if self.repetition_context_size < 1:
             raise MlxLlamaError("repetition context size must be >= 1")
+        for name, value in (("presence", self.presence_penalty), ("frequency", self.frequency_penalty)):
+            if not -2 <= value <= 2:  # OpenAI's range (NaN fails it too)
+                raise MlxLlamaError(f"{name} penalty must be in [-2, 2]")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -63,6 +73,24 @@ def apply_repetition_penalty(xp: Any, logits: Any, recent_ids: np.ndarray, penal
     return logits
 
 
+def apply_presence_frequency_penalty(
+    xp: Any, logits: Any, generated: np.ndarray, presence: float, frequency: float
+) -> Any:
+    """OpenAI's penalties: logit[t] -= presence * (count[t] > 0) + frequency * count[t].
+
+    `count` is over `generated`, the tokens drawn so far in this completion (the
+    prompt does not count).  The amounts are rounded to float32 once, here, so
+    every backend subtracts the same numbers.
+    """
+    if (presence == 0 and frequency == 0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    amounts = (presence + frequency * counts).astype(np.float32)
+    picked = xp.array(ids.astype(np.int32))
+    logits[picked] = logits[picked] - xp.array(amounts)
+    return logits
+
+
 def filter_logits(xp: Any, logits: Any, params: SamplingParams) -> Any:
     """Mask (to -inf) the tokens that top-k, top-p and min-p rule out."""
     neg_inf = float("-inf")
@@ -84,6 +112,9 @@ def filter_logits(xp: Any, logits: Any, params: SamplingParams) -> Any:
     return logits
 
 
+_NOTHING = np.empty(0, dtype=np.int64)
+
+
 class Sampler:
     """Chooses the next token from one row of logits."""
 
@@ -92,11 +123,17 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def __call__(self, xp: Any, logits: Any, history: np.ndarray) -> Any:
-        """`logits` is a 1-D float array of the vocab; returns a scalar token-id array."""
+    def __call__(self, xp: Any, logits: Any, history: np.ndarray, generated: np.ndarray = _NOTHING) -> Any:
+        """`logits` is a 1-D float array of the vocab; returns a scalar token-id array.
+
+        `history` is the context the repetition penalty looks back on (prompt
+        included); `generated`, what this completion drew so far, is what the
+        presence and frequency penalties count.  Both penalties may edit `logits` in place.
+        """
         p = self.params
         recent = history[-p.repetition_context_size :]
         logits = apply_repetition_penalty(xp, logits, recent, p.repetition_penalty)
+        logits = apply_presence_frequency_penalty(xp, logits, generated, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0:
             return xp.argmax(logits)
         logits = filter_logits(xp, logits / p.temperature, p)

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable, Sequence
 from mlx_llama.generation.requests import TokenEvent
 from mlx_llama.generation.text import TextAssembler
 from mlx_llama.server.prompts import ServedModel
-from mlx_llama.server.schemas import PromptTokensDetails, TopLogprob, TokenLogprob, Usage
+from mlx_llama.server.schemas import TopLogprob, TokenLogprob
 from mlx_llama.server.worker import Job
 
 
@@ -69,12 +69,6 @@ class AnswerAssembler:
                 piece.text += self._text.finish()
             piece.finish_reason = "length" if event.finish_reason == "length" else "stop"
         return piece
-
-    def usage(self, job: Job, prompt_tokens: int) -> Usage:
-        cached = job.info.cached_tokens if job.info is not None else 0
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=prompt_tokens + self.completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 async def answer_pieces(job: Job, assembler: AnswerAssembler,

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from mlx_llama.cli.options import sampling_params
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.requests import GenerationRequest
@@ -36,6 +38,9 @@ class ServedModel:
     eos_ids: frozenset[int]
     created: int
     generation_config: dict[str, Any] = field(default_factory=dict)
+    # Prompts longer than this share one prefill among a request's n choices (server.choices):
+    # the prefix cache's alignment, the engine's prefill chunk.  None: no prefix cache, no sharing.
+    shared_prefix: int | None = None
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -51,11 +56,6 @@ def check_request(request: AnyRequest, served: ServedModel) -> None:
     if request.model is not None and request.model != served.name:
         raise ApiError(404, f"the model {request.model!r} does not exist; this server serves {served.name!r}",
                        param="model", code="model_not_found")
-    if request.n != 1:
-        raise _unsupported("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) != 0:
-            raise _unsupported(name, "not supported; use repetition_penalty")
     if request.logit_bias:
         raise _unsupported("logit_bias", "not supported")
     if isinstance(request, CompletionRequest):
@@ -126,8 +126,18 @@ def completion_prompt_ids(request: CompletionRequest, served: ServedModel) -> li
     return list(prompt)
 
 
-def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: ServedModel) -> GenerationRequest:
-    """The engine request: the prompt must leave room for a token; max_tokens stops at the context's end.
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice 0 samples with the request's seed (n=1 and n>1 agree on it); choice i > 0 with one
+    derived from (seed, i), so choices differ and a seeded request is reproducible."""
+    if seed is None or choice == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, choice]).generate_state(1, np.uint64)[0])
+
+
+def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: ServedModel,
+                       choice: int = 0) -> GenerationRequest:
+    """The engine request of choice `choice`: the prompt must leave room for a token; max_tokens stops
+    at the context's end.  Each choice gets its own seed (`choice_seed`) and its own constraint.
 
     Without max_tokens a request gets the server's default, not the whole context: the engine
     reserves KV for prompt + max_tokens, and a 128K-token reservation would not fit its budget.
@@ -146,7 +156,9 @@ def generation_request(request: AnyRequest, prompt_ids: Sequence[int], served: S
         limit = served.default_max_tokens
     opts = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                 min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-                repetition_context_size=SamplingParams.repetition_context_size, seed=request.seed)
+                repetition_context_size=SamplingParams.repetition_context_size,
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                seed=choice_seed(request.seed, choice))
     try:
         sampling = sampling_params(opts, served.generation_config)
     except MlxLlamaError as e:

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from mlx_llama.generation.requests import GenerationRequest
-from mlx_llama.server.completion import AnswerAssembler, GenerationFailed, Piece, answer_pieces
+from mlx_llama.server.choices import Submitted, merged_pieces, submit_choices
+from mlx_llama.server.completion import AnswerAssembler, GenerationFailed, Piece
 from mlx_llama.generation.engine import QueueFull, RequestRefused
 from mlx_llama.server.errors import ApiError, validation_error
 from mlx_llama.server.metrics import ServerMetrics
@@ -50,9 +51,11 @@ async def _parse(request: Request, schema: type[Body]) -> Body:
         raise validation_error(e) from None
 
 
-async def _submit(context: ServerContext, generation: GenerationRequest) -> tuple[Job, float]:
+async def _submit(context: ServerContext, generations: list[GenerationRequest], assemblers: list[AnswerAssembler],
+                  on_first: Callable[[Job], None]) -> Submitted:
     try:
-        return await context.worker.submit(generation), time.perf_counter()
+        return await submit_choices(context.worker.submit, generations, assemblers, context.served.shared_prefix,
+                                    on_first)
     except QueueFull as e:
         raise ApiError(429, f"the server is busy: {e}", code="server_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -60,17 +63,22 @@ async def _submit(context: ServerContext, generation: GenerationRequest) -> tupl
         raise ApiError(400, str(e), code="request_rejected") from None
     except EngineDead as e:
         raise ApiError(500, str(e), code="engine_dead") from None
+    except GenerationFailed as e:
+        raise ApiError(500, str(e), code="engine_error") from None
 
 
 class _ClientGone(Exception):
     pass
 
 
-async def _collect(request: Request, job: Job, assembler: AnswerAssembler, spec: StreamSpec) -> list[Piece]:
-    """Every piece of a non-streamed answer; a client that hangs up meanwhile cancels the job."""
+async def _collect(request: Request, submitted: Submitted, spec: StreamSpec) -> list[list[Piece]]:
+    """Every choice's pieces of a non-streamed answer; a client that hangs up meanwhile cancels the jobs."""
 
-    async def pieces() -> list[Piece]:
-        return [piece async for piece in answer_pieces(job, assembler, spec.on_first_event)]
+    async def pieces() -> list[list[Piece]]:
+        by_choice: list[list[Piece]] = [[] for _ in submitted.choices]
+        async for index, piece in merged_pieces(submitted.choices, spec.on_first_event):
+            by_choice[index].append(piece)
+        return by_choice
 
     collecting = asyncio.ensure_future(pieces())
     # With the body read, the next ASGI message is "http.disconnect", once the client leaves.
@@ -82,7 +90,7 @@ async def _collect(request: Request, job: Job, assembler: AnswerAssembler, spec:
             return collecting.result()
         except GenerationFailed as e:
             raise ApiError(500, str(e), code="engine_error") from None
-    collecting.cancel()  # answer_pieces cancels the job on its way out
+    collecting.cancel()  # merged_pieces cancels the jobs on its way out
     raise _ClientGone
 
 
@@ -93,34 +101,42 @@ def _first_event_hook(context: ServerContext, submitted: float) -> Callable[[Job
     return record
 
 
-def _spec(context: ServerContext, prefix: str, generation: GenerationRequest, stream_usage: bool,
-          logprobs: bool, calls_tools: bool, submitted: float) -> StreamSpec:
+def _spec(context: ServerContext, prefix: str, prompt_tokens: int, stream_usage: bool,
+          logprobs: bool, calls_tools: bool, on_first: Callable[[Job], None]) -> StreamSpec:
     return StreamSpec(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=context.served.name,
-                      prompt_tokens=len(generation.prompt_ids), include_usage=stream_usage, logprobs=logprobs,
-                      calls_tools=calls_tools, on_first_event=_first_event_hook(context, submitted))
+                      prompt_tokens=prompt_tokens, include_usage=stream_usage, logprobs=logprobs,
+                      calls_tools=calls_tools, on_first_event=on_first)
 
 
 def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 
 
-def _chat_response(body: ChatCompletionRequest, spec: StreamSpec, pieces: list[Piece], usage: Usage) -> BaseModel:
+def _chat_choice(spec: StreamSpec, index: int, pieces: list[Piece]) -> ChatChoice:
     logprobs = ChatLogprobs(content=[lp for p in pieces for lp in p.logprobs]) if spec.logprobs else None
     finish_reason = pieces[-1].finish_reason
     if spec.calls_tools:
         message, finish_reason = answer_message((p.text for p in pieces), finish_reason)
     else:
         message = AssistantMessage(content="".join(p.text for p in pieces))
-    choice = ChatChoice(message=message, logprobs=logprobs, finish_reason=finish_reason)
-    return ChatCompletion(id=spec.id, created=spec.created, model=spec.model, choices=[choice], usage=usage)
+    return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason)
 
 
-def _completion_response(body: CompletionRequest, spec: StreamSpec, pieces: list[Piece], usage: Usage) -> BaseModel:
+def _chat_response(spec: StreamSpec, choices: list[list[Piece]], usage: Usage) -> BaseModel:
+    return ChatCompletion(id=spec.id, created=spec.created, model=spec.model, usage=usage,
+                          choices=[_chat_choice(spec, i, pieces) for i, pieces in enumerate(choices)])
+
+
+def _completion_choice(spec: StreamSpec, index: int, pieces: list[Piece]) -> CompletionChoice:
     logprobs = CompletionLogprobs.of([lp for p in pieces for lp in p.logprobs], 0) if spec.logprobs else None
     token_ids = [t for p in pieces for t in p.token_ids]
-    choice = CompletionChoice(text="".join(p.text for p in pieces), logprobs=logprobs,
-                              finish_reason=pieces[-1].finish_reason, token_ids=token_ids or None)
-    return Completion(id=spec.id, created=spec.created, model=spec.model, choices=[choice], usage=usage)
+    return CompletionChoice(index=index, text="".join(p.text for p in pieces), logprobs=logprobs,
+                            finish_reason=pieces[-1].finish_reason, token_ids=token_ids or None)
+
+
+def _completion_response(spec: StreamSpec, choices: list[list[Piece]], usage: Usage) -> BaseModel:
+    return Completion(id=spec.id, created=spec.created, model=spec.model, usage=usage,
+                      choices=[_completion_choice(spec, i, pieces) for i, pieces in enumerate(choices)])
 
 
 @dataclass(frozen=True)
@@ -132,8 +148,8 @@ class _Endpoint:
     prompt_ids: Callable[[Any, ServedModel], list[int]]
     wants_logprobs: Callable[[Any], bool]
     calls_tools: Callable[[Any], bool]
-    events: Callable[[Job, AnswerAssembler, StreamSpec], AsyncIterator[str]]
-    response: Callable[[Any, StreamSpec, list[Piece], Usage], BaseModel]
+    events: Callable[[Submitted, StreamSpec], AsyncIterator[str]]
+    response: Callable[[StreamSpec, list[list[Piece]], Usage], BaseModel]
 
 
 _CHAT = _Endpoint(ChatCompletionRequest, "chatcmpl", chat_prompt_ids, lambda body: body.logprobs, may_call,
@@ -143,24 +159,25 @@ _COMPLETION = _Endpoint(CompletionRequest, "cmpl", completion_prompt_ids, lambda
 
 
 async def _answer(request: Request, endpoint: _Endpoint) -> Response:
-    """Validate, submit, then stream the answer or collect it into one response."""
+    """Validate, submit the request's n choices, then stream the answer or collect it into one response."""
     context = _context(request)
     body: Any = await _parse(request, endpoint.schema)
     check_request(body, context.served)
-    generation = generation_request(body, endpoint.prompt_ids(body, context.served), context.served)
-    job, submitted = await _submit(context, generation)
-    assembler = AnswerAssembler(context.served, body.stop_strings())
+    prompt_ids = endpoint.prompt_ids(body, context.served)
+    generations = [generation_request(body, prompt_ids, context.served, choice=i) for i in range(body.n)]
+    assemblers = [AnswerAssembler(context.served, body.stop_strings()) for _ in generations]
+    on_first = _first_event_hook(context, time.perf_counter())
+    submitted = await _submit(context, generations, assemblers, on_first)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    spec = _spec(context, endpoint.id_prefix, generation, include_usage, endpoint.wants_logprobs(body),
-                 endpoint.calls_tools(body), submitted)
+    spec = _spec(context, endpoint.id_prefix, len(prompt_ids), include_usage, endpoint.wants_logprobs(body),
+                 endpoint.calls_tools(body), on_first)
     if body.stream:
-        return _stream(endpoint.events(job, assembler, spec))
+        return _stream(endpoint.events(submitted, spec))
     try:
-        pieces = await _collect(request, job, assembler, spec)
+        choices = await _collect(request, submitted, spec)
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it; the status is for /metrics
-    usage = assembler.usage(job, spec.prompt_tokens)
-    return JSONResponse(endpoint.response(body, spec, pieces, usage).model_dump())
+    return JSONResponse(endpoint.response(spec, choices, submitted.usage(spec.prompt_tokens)).model_dump())
 
 
 def build_router(auth: Callable[[Request], Awaitable[None]]) -> APIRouter:

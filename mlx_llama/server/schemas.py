@@ -15,6 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
+MAX_CHOICES = 16  # `n`: choices per request (each decodes as its own sequence)
+
+
 class _Body(BaseModel):
     """A request or a part of one: strictly typed; unknown fields ignored (see above)."""
 
@@ -29,12 +32,12 @@ class _Request(_Body):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)  # NumPy seeds its generators with non-negative integers
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: "StreamOptions | None" = None
 
