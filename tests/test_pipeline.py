@@ -54,13 +54,12 @@ def _start_ranks(args_per_rank: list[list[str]], tmp_path: Path, size: int = 2) 
 # ---- the split ---------------------------------------------------------------------------------
 
 
-def _brute_force_max(layer_bytes: list[int], size: int, first: int, last: int) -> int:
+def _brute_force_max(layer_bytes: list[int], size: int, first: int) -> int:
     n, best = len(layer_bytes), None
     for cuts in combinations(range(1, n), size - 1):
         bounds = [0, *cuts, n]
         parts = [sum(layer_bytes[a:b]) for a, b in zip(bounds, bounds[1:])]
         parts[0] += first
-        parts[-1] += last
         best = max(parts) if best is None else min(best, max(parts))
     return best
 
@@ -72,27 +71,29 @@ def test_split_is_contiguous_and_minimises_the_largest_rank() -> None:
         if size > n:
             continue
         layer_bytes = [rng.randint(1, 100) for _ in range(n)]
-        first, last = rng.randint(0, 300), rng.randint(0, 300)
-        ranges = split_layers(layer_bytes, size, first, last)
+        first = rng.randint(0, 300)
+        ranges = split_layers(layer_bytes, size, first)
         assert [r.start for r in ranges] == [0] + [r.stop for r in ranges[:-1]] and ranges[-1].stop == n
         assert all(len(r) > 0 for r in ranges)
         parts = [sum(layer_bytes[i] for i in r) for r in ranges]
         parts[0] += first
-        parts[-1] += last
-        assert max(parts) == _brute_force_max(layer_bytes, size, first, last)
+        assert max(parts) == _brute_force_max(layer_bytes, size, first)
 
 
-def test_the_ends_hold_the_embedding_and_the_head() -> None:
+def test_rank_0_holds_the_embedding_and_the_head() -> None:
     tensors = {f"model.layers.{i}.mlp.weight": 10 for i in range(8)}
     tensors |= {"model.embed_tokens.weight": 30, "model.norm.weight": 1, "lm_head.weight": 30}
+    # Tied: rank 0's 31 extra bytes (the stray lm_head copy is not counted) buy it 2 layers (51 vs 60 bytes).
     plans = plan_stages(tensors, 8, 2, tied_embeddings=True)
-    assert [p.layers for p in plans] == [range(0, 4), range(4, 8)]  # the stray lm_head copy is not counted
+    assert [p.layers for p in plans] == [range(0, 2), range(2, 8)]
     first, last = plans
-    assert first.holds("model.embed_tokens.weight", True) and last.holds("model.embed_tokens.weight", True)
-    assert not first.holds("model.norm.weight", True) and last.holds("model.norm.weight", True)
-    assert not last.holds("lm_head.weight", True) and last.holds("lm_head.weight", False)
-    assert not last.holds("model.embed_tokens.weight", False)
-    assert [p.layers for p in plan_stages(tensors, 8, 2, tied_embeddings=False)] == [range(0, 4), range(4, 8)]
+    assert first.holds("model.embed_tokens.weight", True) and first.holds("model.norm.weight", True)
+    assert not first.holds("lm_head.weight", True) and first.holds("lm_head.weight", False)
+    for tied in (True, False):
+        assert not any(last.holds(n, tied) for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                                      "lm_head.weight"))
+    # Untied: 61 extra bytes on rank 0, which keeps 1 layer (71 vs 70).
+    assert [p.layers for p in plan_stages(tensors, 8, 2, tied_embeddings=False)] == [range(0, 1), range(1, 8)]
     with pytest.raises(MlxLlamaError, match="cannot be split across 9 ranks"):
         plan_stages(tensors, 8, 9, tied_embeddings=True)
 
@@ -132,18 +133,19 @@ def test_two_ranks_match_on_stories260k(tmp_path: Path) -> None:
     _assert_same_run(STORIES260K, tmp_path, -1)
 
 
-def test_each_rank_reads_only_its_tensors(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_each_rank_reads_only_its_tensors(make_checkpoint: Callable[..., Path], tmp_path: Path, tied: bool) -> None:
     # Layers of ~4 MB, so that the weights dwarf what else a process reads (its Python modules, sockets).
     model = make_checkpoint(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-                            head_dim=64, tie_word_embeddings=False)
+                            head_dim=64, tie_word_embeddings=tied)
     out = tmp_path / "pipe"
     _probe(model, out, -1, "pipeline")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
     layers = [{int(n.split(".")[2]) for n in r["tensors"] if n.startswith("model.layers.")} for r in ranks]
     assert layers == [{0, 1}, {2, 3}]
-    assert "model.embed_tokens.weight" in ranks[0]["tensors"] and "lm_head.weight" not in ranks[0]["tensors"]
-    assert {"model.norm.weight", "lm_head.weight"} <= set(ranks[1]["tensors"])
-    assert "model.embed_tokens.weight" not in ranks[1]["tensors"]
+    ends = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if tied else {"lm_head.weight"})
+    assert ends <= set(ranks[0]["tensors"])  # the head, tied or not, is rank 0's alone
+    assert not ends & set(ranks[1]["tensors"]) and "lm_head.weight" not in ranks[1]["tensors"]
     total = (model / "model.safetensors").stat().st_size
     for r in ranks:
         # What this process read is its tensors (plus headers, config, modules), not the whole file.

@@ -3,11 +3,11 @@
 Rank 0 drives.  It runs the ordinary generation loop (mlx_llama.generation.loop)
 on a `PipelineModel`, a `LanguageModel` whose forward pass embeds the tokens,
 runs rank 0's layers and sends the hidden states to rank 1; rank r passes its
-output to rank r+1; the last rank applies the final norm and the head and sends
-the logits back to rank 0 (its ring neighbour), which samples (one RNG, seeded
-once) and prints.  Logits, not tokens, travel back so that every sampling option
-works unchanged on rank 0; that costs vocab × 4 bytes per token (0.5 MB for
-Llama 3), well under a millisecond over Thunderbolt.
+output to rank r+1; the last rank sends its hidden states back to rank 0 (its
+ring neighbour), which applies the final norm and the head, with the kernels
+a single process uses, and samples (one RNG, seeded once) and prints.  The
+head lives on rank 0 so that a tied embedding is held once, and what travels
+back is hidden × 4 bytes per token (8 KB for 1B) rather than vocab × 4 (0.5 MB).
 
 Each step starts with a small header (command, batch, length, cache offset,
 cache kind) that every rank forwards before the hidden states, so the ranks
@@ -45,7 +45,7 @@ class CommStats:
     tokens: int = 0
     compute_s: float = 0.0
     send_s: float = 0.0
-    wait_s: float = 0.0  # waiting for the previous rank (or, on rank 0, for the logits): upstream work + transfer
+    wait_s: float = 0.0  # waiting for the previous rank (on rank 0: for the last one): upstream work + transfer
 
     def add(self, length: int, compute: float, send: float, wait: float) -> None:
         if length == 1:
@@ -72,7 +72,6 @@ class Pipeline:
 
     group: PipelineGroup
     stage: PipelineStage
-    logits_dtype: mx.Dtype
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
 
@@ -128,8 +127,8 @@ class Pipeline:
             h, wait = self._recv((batch, length, hidden), self.stage.compute_dtype, prev)
             t = time.perf_counter()
             out = self.stage.forward_layers(h, cache)
-            if self.stage.plan.last:
-                out = self.stage.logits(out, bool(last_only))
+            if self.stage.plan.last and last_only:
+                out = out[:, -1:, :]  # all the head on rank 0 looks at
             mx.eval(out, *[a for c in cache for a in c.state[:2]])
             compute = time.perf_counter() - t
             self.stats.add(length, compute, self._send(out, nxt), wait)
@@ -178,8 +177,11 @@ class PipelineModel:
         mx.eval(h)
         compute = time.perf_counter() - t
         send = p._send(h, 1)
-        logits, wait = p._recv((batch, 1 if last_only else length, self.config.vocab_size), p.logits_dtype, size - 1)
-        p.stats.add(length, compute, send, wait)
+        h, wait = p._recv((batch, 1 if last_only else length, self.config.hidden_size), stage.compute_dtype, size - 1)
+        t = time.perf_counter()
+        logits = stage.logits(h, last_only)
+        mx.eval(logits)
+        p.stats.add(length, compute + time.perf_counter() - t, send, wait)
         return logits
 
 
@@ -211,13 +213,10 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
     group = join_group(timeout)
     stage: PipelineStage | None = None
     checkpoint: OpenedCheckpoint | None = None
-    status: dict[str, Any] = {"who": group.who, "error": None, "logits_dtype": None}
+    status: dict[str, Any] = {"who": group.who, "error": None}
     try:
         checkpoint = OpenedCheckpoint.open(model_path)
         stage = load_stage(checkpoint, group.rank, group.size, dtype)
-        if stage.plan.last:
-            probe = stage.logits(mx.zeros((1, 1, stage.config.hidden_size), stage.compute_dtype), True)
-            status["logits_dtype"] = str(probe.dtype).removeprefix("mlx.core.")  # a lazy graph knows its dtype
     except MlxLlamaError as e:
         status["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
     statuses = _exchange_status(group, status)
@@ -226,4 +225,4 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
         first = failed[0]
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
-    return Pipeline(group, stage, getattr(mx, statuses[-1]["logits_dtype"])), checkpoint
+    return Pipeline(group, stage), checkpoint

@@ -1,4 +1,4 @@
-"""One rank's slice of the model: some decoder layers, plus the embedding and/or the output head.
+"""One rank's slice of the model: some decoder layers, plus on rank 0 the embedding and the output head.
 
 The stage's parameters carry the checkpoint's names (layer i stays
 `model.layers.i`, the list is padded with None below the rank's first layer,
@@ -32,15 +32,14 @@ class _StageBody(nn.Module):
 
     def __init__(self, cfg: ModelConfig, plan: StagePlan) -> None:
         super().__init__()
-        if plan.first or (plan.last and cfg.tie_word_embeddings):
+        if plan.first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [None] * plan.layers.start + [DecoderLayer(cfg) for _ in plan.layers]
-        if plan.last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = [None] * plan.layers.start + [DecoderLayer(cfg) for _ in plan.layers]
 
 
 class PipelineStage(nn.Module):
-    """Rank `plan.rank`'s layers of the model; `embed` on the first rank, `logits` on the last."""
+    """Rank `plan.rank`'s layers of the model; on rank 0 also `embed` and `logits`."""
 
     def __init__(self, cfg: ModelConfig, plan: StagePlan, dtype: mx.Dtype) -> None:
         super().__init__()
@@ -48,7 +47,7 @@ class PipelineStage(nn.Module):
         self.plan = plan
         self.compute_dtype = dtype
         self.model = _StageBody(cfg, plan)
-        if plan.last and not cfg.tie_word_embeddings:
+        if plan.first and not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tensor_names: list[str] = []  # the checkpoint tensors this rank read
         self.tensor_bytes = 0
