@@ -17,8 +17,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from mlx_llama.cli.info import available_cores
 from mlx_llama.distributed.partition import plan_stages, split_layers
+from mlx_llama.distributed.pipeline import share_host_cores
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.threads import thread_pools
 
 from conftest import STORIES260K
 
@@ -164,6 +167,21 @@ def test_generate_pipeline_prints_the_single_process_tokens(four_layers: Path) -
     assert piped.stdout.split() == single.stdout.split()  # rank 0 alone prints
     for rank in (0, 1):
         assert f"rank {rank} (" in piped.stderr and "per token: compute" in piped.stderr
+    # Both ranks on this host: each sizes its thread pools to half the cores.
+    assert piped.stderr.count(f", {max(1, available_cores() // 2)}-thread pools)") == 2
+
+
+def test_ranks_sharing_a_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_llama.kernels import extension
+
+    monkeypatch.delenv("MLX_LLAMA_NUM_THREADS", raising=False)
+    with thread_pools():
+        assert share_host_cores(["a", "b"], 0) is None  # alone on its host: every core
+        assert share_host_cores(["a", "b", "a", "a"], 2) == max(1, available_cores() // 3)
+        if extension.module() is not None:
+            assert extension.module().num_threads() == max(1, available_cores() // 3)
+        monkeypatch.setenv("MLX_LLAMA_NUM_THREADS", "2")
+        assert share_host_cores(["a", "a"], 0) is None  # the user's setting wins
 
 
 def test_info_shows_the_group() -> None:

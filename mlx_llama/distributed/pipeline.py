@@ -17,7 +17,9 @@ cache kind) that every rank forwards before the hidden states, so the ranks
 from __future__ import annotations
 
 import json
+import os
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ class Pipeline:
 
     group: PipelineGroup
     stage: PipelineStage
+    threads: int | None = None  # the thread pools' size when this rank set it to its share of the host
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
 
@@ -101,8 +104,9 @@ class Pipeline:
 
     def describe(self) -> str:
         layers = self.stage.plan.layers
+        threads = f", {self.threads}-thread pools" if self.threads else ""
         return (f"{self.group.who}: layers {layers.start}-{layers.stop - 1} ({len(self.stage.tensor_names)} tensors, "
-                f"{self.stage.tensor_bytes / 1e6:.1f} MB read), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
+                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
     def serve(self) -> None:
@@ -208,12 +212,31 @@ def _exchange_status(group: PipelineGroup, status: dict[str, Any]) -> list[dict[
     return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
 
 
+def share_host_cores(hosts: Sequence[str], rank: int) -> int | None:
+    """Size this rank's thread pools to its share of the cores when other ranks run on its host.
+
+    Each rank's pools would otherwise take every core, and the ranks' threads would preempt
+    one another (and spin) on the same cores.  $MLX_LLAMA_NUM_THREADS, when set, is the
+    user's choice and wins.  Returns the size set, or None when left alone.
+    """
+    from mlx_llama.cli.info import available_cores
+    from mlx_llama.threads import set_threads
+
+    here = hosts.count(hosts[rank])
+    if here == 1 or os.environ.get("MLX_LLAMA_NUM_THREADS"):
+        return None
+    threads = max(1, available_cores() // here)
+    set_threads(threads)
+    return threads
+
+
 def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[Pipeline, OpenedCheckpoint]:
-    """Join the launched group and load this rank's stage; every rank fails, naming the rank, when one cannot."""
+    """Join the launched group, load this rank's stage and take this rank's share of its host's cores;
+    every rank fails, naming the rank, when one cannot load."""
     group = join_group(timeout)
     stage: PipelineStage | None = None
     checkpoint: OpenedCheckpoint | None = None
-    status: dict[str, Any] = {"who": group.who, "error": None}
+    status: dict[str, Any] = {"who": group.who, "host": socket.gethostname(), "error": None}
     try:
         checkpoint = OpenedCheckpoint.open(model_path)
         stage = load_stage(checkpoint, group.rank, group.size, dtype)
@@ -225,4 +248,5 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
         first = failed[0]
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
-    return Pipeline(group, stage), checkpoint
+    threads = share_host_cores([s["host"] for s in statuses], group.rank)
+    return Pipeline(group, stage, threads), checkpoint
