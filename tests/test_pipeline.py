@@ -95,6 +95,8 @@ def test_rank_0_holds_the_embedding_and_the_head() -> None:
     for tied in (True, False):
         assert not any(last.holds(n, tied) for n in ("model.embed_tokens.weight", "model.norm.weight",
                                                       "lm_head.weight"))
+    # Its tokenizer's 20 bytes more on rank 0 (51): 1 layer (61 vs 70) beats 2 (71 vs 60).
+    assert [p.layers for p in plan_stages(tensors, 8, 2, True, rank0_extra=20)] == [range(0, 1), range(1, 8)]
     # Untied: 61 extra bytes on rank 0, which keeps 1 layer (71 vs 70).
     assert [p.layers for p in plan_stages(tensors, 8, 2, tied_embeddings=False)] == [range(0, 1), range(1, 8)]
     with pytest.raises(MlxLlamaError, match="cannot be split across 9 ranks"):

@@ -3,8 +3,9 @@
 Rank 0 holds the two ends of the model besides its layers: the token
 embedding, the final norm and the output head (for a tied embedding, the
 embedding matrix again, so it is held once).  The last rank sends its hidden
-states back to rank 0, which turns them into logits.  Those bytes count
-towards rank 0's share, so rank 0 gets fewer layers.
+states back to rank 0, which turns them into logits.  Those bytes, and the
+memory of the tokenizer rank 0 alone loads, count towards rank 0's share, so
+rank 0 gets fewer layers.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def split_layers(layer_bytes: list[int], size: int, first_extra: int = 0) -> lis
     return [range(bounds[r], bounds[r + 1]) for r in range(size)]
 
 
-def plan_stages(tensor_bytes: Mapping[str, int], num_layers: int, size: int, tied_embeddings: bool) -> list[StagePlan]:
-    """The plan of every rank for a checkpoint whose tensors have these sizes."""
+def plan_stages(tensor_bytes: Mapping[str, int], num_layers: int, size: int, tied_embeddings: bool,
+                rank0_extra: int = 0) -> list[StagePlan]:
+    """The plan of every rank for a checkpoint whose tensors have these sizes; `rank0_extra`:
+    bytes rank 0 holds besides tensors (its tokenizer)."""
     layer_bytes = [0] * num_layers
-    ends = 0  # embedding, norm and head: rank 0's
+    ends = rank0_extra  # and the embedding, norm and head: rank 0's
     first = StagePlan(0, size, range(0))
     for name, nbytes in tensor_bytes.items():
         m = _LAYER.match(name)
