@@ -5,9 +5,12 @@ Both run `mlx-llama generate --prompt-ids … -v` on the same random-weight 4-bi
 checkpoint and prompt, in interleaved rounds (single, pipeline, single, …), and
 report prefill and decode tok/s, each process's peak RSS (target: each rank
 ≤ 0.6× the single process) and the pipeline's per-token time in communication.
+Ranks on one host size their thread pools to their share of its cores;
+`--all-cores` adds a third peer to each round, the pipeline with every core per
+rank ($MLX_LLAMA_NUM_THREADS set), to measure what the sharing buys.
 
     python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
-    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3
+    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores
 
 Both ranks share this machine's cores, and a single stream keeps one rank busy
 at a time, so the pipeline can only lose speed here: what it buys is memory.
@@ -61,10 +64,12 @@ def run_single(generate: list[str]) -> dict[str, Any]:
     return {**_speeds(stderr), "peak_rss_gb": [rss / 1e9]}
 
 
-def run_pipeline(generate: list[str]) -> dict[str, Any]:
+def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, Any]:
+    """Two local ranks; `threads`: each rank's thread pools (None: the ranks' share of the cores)."""
     cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
            str(BIN / "mlx-llama"), *generate, "--pipeline"]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MLX_LLAMA_NUM_THREADS": str(threads)} if threads else None
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"pipeline failed:\n{run.stderr}")
     ranks = sorted((int(m.group(1)), m) for m in _RANK.finditer(run.stderr))
@@ -87,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="Checkpoint directory [benchmarks/work/<preset>].")
+    ap.add_argument("--all-cores", action="store_true",
+                    help="Also run the pipeline with every core per rank (no sharing of the host's cores).")
     args = ap.parse_args(argv)
     work = args.work or HERE / "work" / args.preset
     work.mkdir(parents=True, exist_ok=True)
@@ -94,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ids = np.random.default_rng(0).integers(0, 128000, args.prompt_tokens)
     generate = ["generate", "-m", str(model), "--prompt-ids", ",".join(map(str, ids)), "-n", str(args.gen_tokens),
                 "--temp", "0", "-v"]
-    results: dict[str, list[dict[str, Any]]] = {"single": [], "pipeline": []}
+    cores = len(os.sched_getaffinity(0))
+    peers = {"single": run_single, "pipeline": run_pipeline}
+    if args.all_cores:
+        peers["all-cores"] = lambda g: run_pipeline(g, threads=cores)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     for r in range(args.rounds):
-        for name, run in (("single", run_single), ("pipeline", run_pipeline)):
+        for name, run in peers.items():
             log(f"round {r + 1}/{args.rounds}: {name}")
             results[name].append(run(generate))
 
@@ -111,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset} {args.bits}-bit, prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
           f"{args.rounds} interleaved rounds (medians)")
     print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}  peak RSS GB")
-    for name in ("single", "pipeline"):
+    for name in results:
         print(f"{name:10} {med(name, 'prefill_tps'):14.2f} {med(name, 'decode_tps'):13.2f}  "
               + " / ".join(f"{x:.3f}" for x in rss(name)))
     print(f"pipeline / single: prefill {med('pipeline', 'prefill_tps') / med('single', 'prefill_tps'):.2f}x, "
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
+    if args.all_cores:
+        print(f"pipeline with {cores // 2} / {cores} threads per rank: prefill "
+              f"{med('pipeline', 'prefill_tps') / med('all-cores', 'prefill_tps'):.2f}x, "
+              f"decode {med('pipeline', 'decode_tps') / med('all-cores', 'decode_tps'):.2f}x")
     print(f"communication per token (two hops + sends): {med('pipeline', 'comm_ms_per_token'):.2f} ms; "
           "layers per rank: " + ", ".join(r["layers"] for r in results["pipeline"][-1]["ranks"]))
     for r in results["pipeline"][-1]["ranks"]:
