@@ -111,18 +111,17 @@ def four_layers(make_checkpoint: Callable[..., Path]) -> Path:
     return make_checkpoint(num_hidden_layers=4, tie_word_embeddings=False)
 
 
-def _probe(model: Path, out: Path, max_kv: int, mode: str) -> dict[str, np.ndarray]:
-    args = [sys.executable, str(PROBE), str(model), str(out), PROMPT, "12", str(max_kv), "3", mode]
+def _probe(model: Path, out: Path, max_kv: int, mode: str, *extra: str) -> dict[str, np.ndarray]:
+    args = [sys.executable, str(PROBE), str(model), str(out), PROMPT, "12", str(max_kv), "3", mode, *extra]
     run = _launch(args) if mode == "pipeline" else subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     with np.load(f"{out}.npz") as f:
         return dict(f)
 
 
-def _assert_same_run(model: Path, tmp_path: Path, max_kv: int) -> None:
-    single = _probe(model, tmp_path / "single", max_kv, "single")
-    piped = _probe(model, tmp_path / "pipe", max_kv, "pipeline")
-    assert single["ids"].tolist() == piped["ids"].tolist()
+def _assert_same_run(model: Path, tmp_path: Path, max_kv: int, *extra: str) -> None:
+    single = _probe(model, tmp_path / "single", max_kv, "single", *extra)
+    piped = _probe(model, tmp_path / "pipe", max_kv, "pipeline", *extra)
     assert single.keys() == piped.keys()
     for key in single:
         np.testing.assert_array_equal(single[key], piped[key], err_msg=key)  # bit-identical
@@ -131,6 +130,13 @@ def _assert_same_run(model: Path, tmp_path: Path, max_kv: int) -> None:
 @pytest.mark.parametrize("max_kv", [-1, 6], ids=["growing", "rotating"])
 def test_two_ranks_give_the_single_process_ids_and_logits(four_layers: Path, tmp_path: Path, max_kv: int) -> None:
     _assert_same_run(four_layers, tmp_path, max_kv)
+
+
+@pytest.mark.parametrize("max_kv", [-1, 6], ids=["growing", "rotating"])
+def test_the_batched_engine_on_two_ranks_gives_the_single_process_ids_and_logits(
+        four_layers: Path, tmp_path: Path, max_kv: int) -> None:
+    # 4 prompts, 3 slots, prefill chunks of 3: sequences join, prefill beside decoding ones, and leave.
+    _assert_same_run(four_layers, tmp_path, max_kv, "engine")
 
 
 @pytest.mark.skipif(not STORIES260K.is_dir(), reason="stories260K fixture not present")
@@ -171,6 +177,28 @@ def test_generate_pipeline_prints_the_single_process_tokens(four_layers: Path) -
         assert f"rank {rank} (" in piped.stderr and "per token: compute" in piped.stderr
     # Both ranks on this host: each sizes its thread pools to half the cores.
     assert piped.stderr.count(f", {max(1, available_cores() // 2)}-thread pools)") == 2
+
+
+def test_batch_mode_on_two_ranks_writes_the_single_process_answers(make_checkpoint: Callable[..., Path],
+                                                                    tmp_path: Path) -> None:
+    model = make_checkpoint(tokenizer=True, num_hidden_layers=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\n\nWhat is two plus two?\nA longer prompt, to be read in several chunks\n")
+    args = ["generate", "-m", str(model), "--prompts-file", str(prompts), "-n", "8", "--batch-size", "2",
+            "--prefill-step-size", "4"]
+    single = subprocess.run([str(BIN / "mlx-llama"), *args, "-o", str(tmp_path / "single.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert single.returncode == 0, single.stderr
+    # Only rank 0 reads the prompts and writes the answers: the other rank is given files that do not exist.
+    rank0 = [*args, "-o", str(tmp_path / "piped.json"), "--pipeline"]
+    rank1 = [a.replace(str(tmp_path), str(tmp_path / "elsewhere")) for a in rank0]
+    procs = _start_ranks([rank0, rank1], tmp_path)
+    for p in procs:
+        _, stderr = p.communicate(timeout=90)
+        assert p.returncode == 0, stderr
+    answers = json.loads((tmp_path / "piped.json").read_text())
+    assert answers == json.loads((tmp_path / "single.json").read_text())
+    assert [a["output"] != "" for a in answers] == [True, False, True, True]
 
 
 def test_ranks_sharing_a_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -91,7 +91,8 @@ def _notice_context_end(stats: GenerationStats, max_tokens: int, context: int) -
               help="Reuse the KV cache of the longest prompt prefix stored in this file, and store the prompt there.")
 @sampling_options
 @click.option("--pipeline", is_flag=True,
-              help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); rank 0 prints.")
+              help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); rank 0 reads the "
+                   "prompts and prints.")
 @click.option("--pipeline-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
               help="With --pipeline: exit with an error when the other ranks are silent this many seconds.")
 @constraint_options
@@ -107,9 +108,23 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         raise click.UsageError("give exactly one of --prompt, --prompt-ids or --prompts-file")
     if (output is None) != (prompts_file is None):
         raise MlxLlamaError("--prompts-file and --output go together")
+    if prompts_file is not None and backend != "mlx":
+        raise MlxLlamaError("batch mode (--prompts-file) runs on the mlx backend")
+    if prompt_cache is not None and (backend != "mlx" or prompt is None):
+        raise click.UsageError("--prompt-cache works with --prompt on the mlx backend")
+    if raw and system is not None:
+        raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
+
+    loaded = None
+    if pipeline:
+        if backend != "mlx" or prompt_cache is not None:
+            raise MlxLlamaError("--pipeline works with --prompt, --prompt-ids or --prompts-file on the mlx backend")
+        # Joined before the files are read: only rank 0 reads them (the other hosts need not have them).
+        loaded = _join_pipeline(model_path, dtype, pipeline_timeout, verbose)
+        if loaded is None:
+            return  # a rank > 0: it served its layers until rank 0 finished
+
     if prompts_file is not None:
-        if backend != "mlx":
-            raise MlxLlamaError("batch mode (--prompts-file) runs on the mlx backend")
         batch_out = BatchOutput(output, force)
         try:
             # Lines are kept as written (no stripping) and in place: an empty line gets an empty answer.
@@ -118,26 +133,13 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             raise MlxLlamaError(f"cannot read {prompts_file}: {e}") from None
         if not any(prompts):
             raise MlxLlamaError(f"{prompts_file} holds no prompts")
-
-    if prompt_cache is not None and (backend != "mlx" or prompt is None):
-        raise click.UsageError("--prompt-cache works with --prompt on the mlx backend")
-    if raw and system is not None:
-        raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
     if prompt_cache is not None:
         refuse_foreign_file(prompt_cache)
     grammar = grammar_from_options(opts)
     if grammar is not None and prompts_file is not None:
         raise MlxLlamaError("output constraints (--json, --regex, ...) work with --prompt or --prompt-ids")
 
-    if pipeline:
-        if backend != "mlx" or prompts_file is not None or prompt_cache is not None:
-            raise MlxLlamaError("--pipeline works with --prompt or --prompt-ids on the mlx backend")
-        loaded = _join_pipeline(model_path, dtype, pipeline_timeout, verbose)
-        if loaded is None:
-            return  # a rank > 0: it served its layers until rank 0 finished
-        model, tokenizer = loaded
-    else:
-        model, tokenizer = load_backend(backend, model_path, dtype)
+    model, tokenizer = loaded if loaded is not None else load_backend(backend, model_path, dtype)
     params = sampling_params(opts, model.generation_config)
     max_tokens, cache_opts = opts["max_tokens"], cache_kwargs(opts)
     stats = GenerationStats()

@@ -16,12 +16,14 @@ cache kind) that every rank forwards before the hidden states, so the ranks
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,8 +37,10 @@ from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_st
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.interfaces import KVCache
 
-_STOP, _FORWARD, _ABORT = 0, 1, 2
-_HEADER = 7  # command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep
+_STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
+# _FORWARD: command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep.
+# _PACKED: command, tokens, segments, dropped, rows, max_kv_size, keep; then the step's plan.
+_HEADER = 7
 _STATUS_BYTES = 2048
 
 
@@ -49,9 +53,10 @@ class CommStats:
     send_s: float = 0.0
     wait_s: float = 0.0  # waiting for the previous rank (on rank 0: for the last one): upstream work + transfer
 
-    def add(self, length: int, compute: float, send: float, wait: float) -> None:
-        if length == 1:
-            self.tokens += 1
+    def add(self, decoded: int, compute: float, send: float, wait: float) -> None:
+        """A step's figures; counted when it decoded (`decoded` tokens, one per sequence) and read no prompt."""
+        if decoded:
+            self.tokens += decoded
             self.compute_s += compute
             self.send_s += send
             self.wait_s += wait
@@ -112,30 +117,73 @@ class Pipeline:
     def serve(self) -> None:
         """Ranks > 0: run this rank's layers for every step rank 0 starts, until it stops the pipeline."""
         g = self.group
-        prev, nxt, hidden = g.rank - 1, (g.rank + 1) % g.size, self.config.hidden_size
-        cache: list[KVCache] = []
+        cache: list[KVCache] = []  # the one sequence of `generate_tokens` steps
+        caches: dict[int, list[KVCache]] = {}  # the batched engine's sequences, by rank 0's key
         while True:
-            header, _ = self._recv((_HEADER,), mx.int32, prev)
+            header, _ = self._recv((_HEADER,), mx.int32, g.rank - 1)
             if not self.stage.plan.last:
-                self._send(header, nxt)
-            command, batch, length, last_only, offset, max_kv, keep = (int(v) for v in np.array(header))
+                self._send(header, g.rank + 1)
+            command, *fields = (int(v) for v in np.array(header))
             if command == _STOP:
                 return
             if command == _ABORT:
                 raise MlxLlamaError(f"{g.who}: rank 0 stopped with an error")
-            if offset == 0:
-                cache = self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
-            elif not cache or cache[0].offset != offset:
-                raise MlxLlamaError(f"{g.who}: out of step with rank 0 (cache at {cache[0].offset if cache else 0}, "
-                                    f"rank 0 at {offset})")
-            h, wait = self._recv((batch, length, hidden), self.stage.compute_dtype, prev)
-            t = time.perf_counter()
-            out = self.stage.forward_layers(h, cache)
-            if self.stage.plan.last and last_only:
-                out = out[:, -1:, :]  # all the head on rank 0 looks at
-            mx.eval(out, *[a for c in cache for a in c.state[:2]])
-            compute = time.perf_counter() - t
-            self.stats.add(length, compute, self._send(out, nxt), wait)
+            if command == _FORWARD:
+                cache = self._serve_forward(cache, *fields)
+            else:
+                self._serve_packed(caches, *fields)
+
+    def _fresh_or_continued(self, cache: list[KVCache] | None, offset: int, max_kv: int, keep: int) -> list[KVCache]:
+        """New caches for this rank's layers when rank 0's start at 0, else `cache`, which must be where rank 0's are."""
+        if offset == 0:
+            return self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
+        if not cache or cache[0].offset != offset:
+            raise MlxLlamaError(f"{self.group.who}: out of step with rank 0 (cache at "
+                                f"{cache[0].offset if cache else 0}, rank 0 at {offset})")
+        return cache
+
+    def _serve_forward(self, cache: list[KVCache], batch: int, length: int, last_only: int, offset: int,
+                       max_kv: int, keep: int) -> list[KVCache]:
+        """One `generate_tokens` step (see `PipelineModel.__call__`); returns the sequence's caches."""
+        cache = self._fresh_or_continued(cache, offset, max_kv, keep)
+        h, wait = self._recv((batch, length, self.config.hidden_size), self.stage.compute_dtype, self.group.rank - 1)
+        t = time.perf_counter()
+        out = self.stage.forward_layers(h, cache)
+        if self.stage.plan.last and last_only:
+            out = out[:, -1:, :]  # all the head on rank 0 looks at
+        mx.eval(out, *[a for c in cache for a in c.state[:2]])
+        compute = time.perf_counter() - t
+        self.stats.add(int(length == 1), compute, self._send(out, (self.group.rank + 1) % self.group.size), wait)
+        return cache
+
+    def _serve_packed(self, caches: dict[int, list[KVCache]], tokens: int, n_segments: int, n_dropped: int,
+                      n_rows: int, max_kv: int, keep: int) -> None:
+        """One step of the batched engine (see `PipelineModel.forward_packed`), updating `caches` in place."""
+        g = self.group
+        plan, _ = self._recv((3 * n_segments + n_dropped + n_rows,), mx.int32, g.rank - 1)
+        if not self.stage.plan.last:
+            self._send(plan, g.rank + 1)
+        values = np.array(plan).tolist()
+        segments_at, dropped, rows = values[: 3 * n_segments], values[3 * n_segments:][:n_dropped], \
+            values[3 * n_segments + n_dropped:]
+        for key in dropped:  # sequences rank 0's engine has finished
+            caches.pop(key, None)
+        segments = []
+        for i in range(0, len(segments_at), 3):
+            key, n, offset = segments_at[i : i + 3]
+            caches[key] = self._fresh_or_continued(caches.get(key), offset, max_kv, keep)
+            segments.append((n, caches[key]))
+        h, wait = self._recv((1, tokens, self.config.hidden_size), self.stage.compute_dtype, g.rank - 1)
+        t = time.perf_counter()
+        out = self.stage.forward_packed_layers(h, segments)
+        last = self.stage.plan.last
+        if last:
+            out = out[:, mx.array(rows, dtype=mx.int32)]  # the rows rank 0 samples
+        mx.eval(out, *[c.state[0] for _, cache in segments for c in cache])
+        compute = time.perf_counter() - t
+        # Prompt chunks alone produce no rows: rank 0 then waits for nothing.
+        send = self._send(out, (g.rank + 1) % g.size) if rows or not last else 0.0
+        self.stats.add(tokens if n_rows == tokens else 0, compute, send, wait)
 
     def stop(self, aborted: bool = False) -> None:
         """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`)."""
@@ -153,6 +201,10 @@ class PipelineModel:
         self.pipeline = pipeline
         self.config = pipeline.config
         self.path, self.generation_config = path, generation_config
+        # The batched engine's sequences: key by id() of rank 0's first cache, keys of finished ones.
+        self._keys: dict[int, int] = {}
+        self._next_key = itertools.count()
+        self._dropped: list[int] = []
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -185,8 +237,57 @@ class PipelineModel:
         t = time.perf_counter()
         logits = stage.logits(h, last_only)
         mx.eval(logits)
-        p.stats.add(length, compute + time.perf_counter() - t, send, wait)
+        p.stats.add(int(length == 1), compute + time.perf_counter() - t, send, wait)
         return logits
+
+    def forward_packed(self, tokens: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
+                       rows: Sequence[int]) -> mx.array:
+        """`Model.forward_packed` through the pipeline: the batched engine's step over several sequences.
+
+        The other ranks keep caches per sequence under a key rank 0 gives each one
+        (its first cache's), and drop them when the engine lets rank 0's go.
+        """
+        p, stage = self.pipeline, self.pipeline.stage
+        h = stage.embed(tokens)
+        no_rows = mx.zeros((0, self.config.vocab_size), dtype=self.dtype)  # prompt chunks only: the caches are the result
+        if p.group.size == 1:
+            h = stage.forward_packed_layers(h, segments)
+            return stage.logits(h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0] if rows else no_rows
+        keys = [self._key(cache) for _, cache in segments]
+        dropped, self._dropped = self._dropped, []
+        first = segments[0][1][0]
+        max_kv = first.max_size
+        header = mx.array([_PACKED, tokens.shape[1], len(segments), len(dropped), len(rows),
+                           -1 if max_kv is None else max_kv, getattr(first, "keep", 0)], dtype=mx.int32)
+        plan = [v for key, (n, cache) in zip(keys, segments) for v in (key, n, cache[0].offset)]
+        p._send(header, 1)
+        p._send(mx.array(plan + dropped + list(rows), dtype=mx.int32), 1)
+        t = time.perf_counter()
+        h = stage.forward_packed_layers(h, segments)
+        mx.eval(h, *[c.state[0] for _, cache in segments for c in cache])
+        compute = time.perf_counter() - t
+        send = p._send(h, 1)
+        if not rows:  # the last rank sends nothing back: the next step may start at once
+            return no_rows
+        h, wait = p._recv((1, len(rows), self.config.hidden_size), stage.compute_dtype, p.group.size - 1)
+        t = time.perf_counter()
+        logits = stage.logits(h, last_only=False)[0]
+        mx.eval(logits)
+        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait)
+        return logits
+
+    def _key(self, cache: Sequence[KVCache]) -> int:
+        """The other ranks' name for the sequence whose caches on rank 0 are `cache`."""
+        first = cache[0]
+        key = self._keys.get(id(first))
+        if key is None:
+            key = self._keys[id(first)] = next(self._next_key)
+            weakref.finalize(first, self._forget, id(first), key)
+        return key
+
+    def _forget(self, cache_id: int, key: int) -> None:
+        del self._keys[cache_id]
+        self._dropped.append(key)  # told to the other ranks with the next step
 
 
 def _exchange_status(group: PipelineGroup, status: dict[str, Any]) -> list[dict[str, Any]]:

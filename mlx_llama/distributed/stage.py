@@ -23,7 +23,7 @@ from mlx_llama.interfaces import KVCache
 from mlx_llama.kernels import extension
 from mlx_llama.loader import DTYPES, default_dtype, load_weights_into, read_weights
 from mlx_llama.model.cache import make_cache
-from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits
+from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits, packed_layers
 from mlx_llama.model_dir import ModelDir
 
 # Resident memory of a loaded HF tokenizer per byte of its tokenizer.json: the Llama-3
@@ -74,6 +74,11 @@ class PipelineStage(nn.Module):
             for layer, c in zip(self.layers, cache):
                 h = layer(h, mask, c)
         return h
+
+    def forward_packed_layers(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]]) -> mx.array:
+        """This rank's layers over several sequences packed in `h` (1, N, hidden), as the batched engine runs them."""
+        with extension.resolved():
+            return packed_layers(self.layers, h, segments)
 
     def logits(self, h: mx.array, last_only: bool) -> mx.array:
         with extension.resolved():
