@@ -49,7 +49,7 @@ def _start_ranks(args_per_rank: list[list[str]], tmp_path: Path, size: int = 2) 
     procs = []
     for rank, args in enumerate(args_per_rank):
         env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
-        procs.append(subprocess.Popen([str(BIN / "mlx-llama"), *args], env=env, text=True,
+        procs.append(subprocess.Popen([str(BIN / "mlx-llama"), *args], env=env, text=True, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
 
@@ -199,6 +199,22 @@ def test_batch_mode_on_two_ranks_writes_the_single_process_answers(make_checkpoi
     answers = json.loads((tmp_path / "piped.json").read_text())
     assert answers == json.loads((tmp_path / "single.json").read_text())
     assert [a["output"] != "" for a in answers] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("max_kv", [None, "24"], ids=["growing", "rotating"])
+def test_chat_on_two_ranks_answers_as_one_process(make_checkpoint: Callable[..., Path], tmp_path: Path,
+                                                   max_kv: str | None) -> None:
+    model = make_checkpoint(tokenizer=True, num_hidden_layers=4)
+    # /reset and /system roll the caches back (the rotating one may have to rebuild): rank 1 must follow.
+    turns = "Hello there\nAnd then?\n/reset\nHello again\n/system Be brief\nWhy?\n"
+    args = ["chat", "-m", str(model), "-n", "6", "--temp", "0", *(["--max-kv-size", max_kv] if max_kv else [])]
+    single = subprocess.run([str(BIN / "mlx-llama"), *args], input=turns, capture_output=True, text=True, timeout=60)
+    assert single.returncode == 0, single.stderr
+    rank0, rank1 = _start_ranks([[*args, "--pipeline"]] * 2, tmp_path)
+    out, err0 = rank0.communicate(turns, timeout=90)
+    _, err1 = rank1.communicate(timeout=30)
+    assert rank0.returncode == 0 and rank1.returncode == 0, err0 + err1
+    assert out == single.stdout and len(out.splitlines()) == 4
 
 
 def test_ranks_sharing_a_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:

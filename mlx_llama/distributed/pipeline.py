@@ -35,6 +35,7 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.distributed.group import PipelineGroup, join_group
 from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_stage
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.prompt_cache import rollback
 from mlx_llama.interfaces import KVCache
 
 _STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
@@ -137,6 +138,8 @@ class Pipeline:
         """New caches for this rank's layers when rank 0's start at 0, else `cache`, which must be where rank 0's are."""
         if offset == 0:
             return self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
+        if cache and cache[0].offset > offset:
+            rollback(cache, cache[0].offset - offset)  # rank 0 rolled its caches back (a chat edit): follow
         if not cache or cache[0].offset != offset:
             raise MlxLlamaError(f"{self.group.who}: out of step with rank 0 (cache at "
                                 f"{cache[0].offset if cache else 0}, rank 0 at {offset})")
