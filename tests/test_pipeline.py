@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import numpy as np
 import pytest
 
@@ -24,6 +26,7 @@ from mlx_llama.errors import MlxLlamaError
 from mlx_llama.threads import thread_pools
 
 from conftest import STORIES260K
+from serve_process import ServerProcess
 
 BIN = Path(sys.executable).parent
 PROBE = Path(__file__).with_name("pipeline_probe.py")
@@ -215,6 +218,49 @@ def test_chat_on_two_ranks_answers_as_one_process(make_checkpoint: Callable[...,
     _, err1 = rank1.communicate(timeout=30)
     assert rank0.returncode == 0 and rank1.returncode == 0, err0 + err1
     assert out == single.stdout and len(out.splitlines()) == 4
+
+
+def _complete(url: str, prompts: list[str]) -> list[str]:
+    def one(prompt: str) -> str:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # at once: the engine batches them
+        return list(pool.map(one, prompts))
+
+
+def test_serve_on_two_ranks_answers_as_one_process(make_checkpoint: Callable[..., Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_checkpoint(tokenizer=True, num_hidden_layers=4)
+    prompts = ["Hello there", "What is two plus two?", "Once upon a time"]
+    single = ServerProcess(model, tmp_path / "single.log")
+    try:
+        expected = _complete(single.url, prompts)
+    finally:
+        single.stop_cleanly()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{_free_port()}"] for _ in range(2)]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    rank1 = subprocess.Popen([str(BIN / "mlx-llama"), "serve", "-m", str(model), "--pipeline"],
+                             env={**os.environ, "MLX_RANK": "1"}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        monkeypatch.setenv("MLX_RANK", "0")
+        rank0 = ServerProcess(model, tmp_path / "rank0.log", "--pipeline")
+        try:
+            assert _complete(rank0.url, prompts) == expected
+            r = httpx.post(f"{rank0.url}/v1/completions", json={"prompt": "x", "max_tokens": -1}, timeout=30)
+            assert r.status_code == 400 and _complete(rank0.url, prompts[:1]) == expected[:1]  # still up
+        finally:
+            rank0.stop_cleanly()
+        _, stderr = rank1.communicate(timeout=30)
+        assert rank1.returncode == 0, stderr  # told to finish when rank 0's engine stopped
+    finally:
+        if rank1.poll() is None:
+            rank1.kill()
+            rank1.wait()
 
 
 def test_ranks_sharing_a_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -231,7 +231,7 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
     if pipeline:
         if backend != "mlx" or prompt_cache is not None:
             raise MlxLlamaError("--pipeline works on the mlx backend, without --prompt-cache")
-        loaded = join_pipeline(model_path, dtype, pipeline_timeout, verbose=False)
+        loaded = join_pipeline(model_path, dtype, pipeline_timeout, verbose=False, wait_idle=True)
         if loaded is None:
             return  # a rank > 0: it served its layers until rank 0 finished
     if prompt_cache is not None:

@@ -1,4 +1,4 @@
-"""`--pipeline` for the commands that run a model (generate, chat): the options, and joining the pipeline."""
+"""`--pipeline` for the commands that run a model (generate, chat, serve): the options, and joining the pipeline."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ def pipeline_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --pipeline: exit with an error when the other ranks are silent this many seconds.")(f)
     return click.option("--pipeline", is_flag=True,
                         help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); "
-                             "rank 0 reads the input and prints.")(f)
+                             "rank 0 alone reads the input and answers.")(f)
 
 
-def join_pipeline(model_path: str, dtype: str | None, timeout: float,
-                  verbose: bool) -> tuple[Any, TokenizerLike | None] | None:
+def join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: bool,
+                  wait_idle: bool = False) -> tuple[Any, TokenizerLike | None] | None:
     """Rank 0: `(model, tokenizer)` that run through the whole pipeline.  Other ranks: serve, then None.
 
     Call it before reading any input file: only rank 0 reads them (the other hosts need not have them).
+    `wait_idle`: the other ranks wait for rank 0 without a time limit between steps (chat, serve).
     """
     from mlx_llama.distributed.pipeline import PipelineModel, start_pipeline
     from mlx_llama.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ def join_pipeline(model_path: str, dtype: str | None, timeout: float,
     pipe, checkpoint = start_pipeline(model_path, dtype, timeout)
     report = (lambda: click.echo(pipe.describe(), err=True)) if verbose else (lambda: None)
     if pipe.group.rank > 0:
-        pipe.serve()
+        pipe.serve(wait_idle)
         report()
         return None
     ctx = click.get_current_context()

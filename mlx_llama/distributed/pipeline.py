@@ -83,15 +83,18 @@ class Pipeline:
     threads: int | None = None  # the thread pools' size when this rank set it to its share of the host
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
+    stopped: bool = False  # rank 0 told the others to finish
 
     @property
     def config(self) -> ModelConfig:
         return self.stage.config
 
-    def _wait(self, what: str, *arrays: mx.array) -> float:
-        """Evaluate arrays that exchange data with other ranks, under the watchdog; returns the seconds taken."""
+    def _wait(self, what: str, *arrays: mx.array, bounded: bool = True) -> float:
+        """Evaluate arrays that exchange data with other ranks, under the watchdog unless not `bounded`;
+        returns the seconds taken."""
         t = time.perf_counter()
-        self.group.watchdog.arm(what)
+        if bounded:
+            self.group.watchdog.arm(what)
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
@@ -104,9 +107,9 @@ class Pipeline:
     def _send(self, x: mx.array, dst: int) -> float:
         return self._wait(f"sending to rank {dst}", mx.distributed.send(x, dst, group=self.group.group))
 
-    def _recv(self, shape: Sequence[int], dtype: mx.Dtype, src: int) -> tuple[mx.array, float]:
+    def _recv(self, shape: Sequence[int], dtype: mx.Dtype, src: int, bounded: bool = True) -> tuple[mx.array, float]:
         x = mx.distributed.recv(tuple(shape), dtype, src, group=self.group.group)
-        return x, self._wait(f"waiting for rank {src}", x)
+        return x, self._wait(f"waiting for rank {src}", x, bounded=bounded)
 
     def describe(self) -> str:
         layers = self.stage.plan.layers
@@ -115,13 +118,17 @@ class Pipeline:
                 f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
-    def serve(self) -> None:
-        """Ranks > 0: run this rank's layers for every step rank 0 starts, until it stops the pipeline."""
+    def serve(self, wait_idle: bool = False) -> None:
+        """Ranks > 0: run this rank's layers for every step rank 0 starts, until it stops the pipeline.
+
+        `wait_idle`: wait for the next step as long as it takes (a chat or a server is idle between
+        requests); a rank that dies still ends the wait, frozen ranks are only caught within a step.
+        """
         g = self.group
         cache: list[KVCache] = []  # the one sequence of `generate_tokens` steps
         caches: dict[int, list[KVCache]] = {}  # the batched engine's sequences, by rank 0's key
         while True:
-            header, _ = self._recv((_HEADER,), mx.int32, g.rank - 1)
+            header, _ = self._recv((_HEADER,), mx.int32, g.rank - 1, bounded=not wait_idle)
             if not self.stage.plan.last:
                 self._send(header, g.rank + 1)
             command, *fields = (int(v) for v in np.array(header))
@@ -189,7 +196,10 @@ class Pipeline:
         self.stats.add(tokens if n_rows == tokens else 0, compute, send, wait)
 
     def stop(self, aborted: bool = False) -> None:
-        """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`)."""
+        """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`); once."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.group.size > 1 and not self.broken:  # after a lost connection there is no one to tell
             header = mx.array([_ABORT if aborted else _STOP] + [0] * (_HEADER - 1), dtype=mx.int32)
             self._send(header, 1)
