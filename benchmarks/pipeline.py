@@ -8,9 +8,11 @@ report prefill and decode tok/s, each process's peak RSS (target: each rank
 Ranks on one host size their thread pools to their share of its cores;
 `--all-cores` adds a third peer to each round, the pipeline with every core per
 rank ($MLX_LLAMA_NUM_THREADS set), to measure what the sharing buys.
+`--batch N` adds batch mode (`generate --prompts-file`, N prompts decoded together
+on the batched engine) in one process and on the pipeline: aggregate tok/s.
 
     python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
-    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores
+    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores --batch 8
 
 Both ranks share this machine's cores, and a single stream keeps one rank busy
 at a time, so the pipeline can only lose speed here: what it buys is memory.
@@ -25,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from throughput import log, prepare_hf, prepare_mlx  # noqa: E402  (the checkpoi
 
 BIN = Path(sys.executable).parent
 _STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generation: (\d+) tokens, ([\d.]+) tok/s")
+_BATCH = re.compile(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)")
 _RANK = re.compile(r"rank (\d+) \(.*?\): layers (\d+)-(\d+) .*?peak RSS ([\d.]+) GB.*?per token: compute ([\d.]+) ms, "
                    r"send ([\d.]+) ms, waiting for peers ([\d.]+) ms")
 
@@ -84,6 +88,19 @@ def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, A
             "comm_ms_per_token": hop_ms + per_rank[0]["send_ms"] + per_rank[1]["send_ms"]}
 
 
+def run_batch(generate: list[str], pipeline: bool) -> dict[str, Any]:
+    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s."""
+    launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [*(launch if pipeline else []), str(BIN / "mlx-llama"), *generate, "-o", f"{tmp}/out.json",
+               *(["--pipeline"] if pipeline else [])]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    m = _BATCH.search(run.stderr)
+    if run.returncode != 0 or not m:
+        raise SystemExit(f"batch mode failed:\n{run.stderr}")
+    return {"batch_tps": float(m.group(3)), "batch_tokens": int(m.group(1))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3.2-1b")
@@ -94,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="Checkpoint directory [benchmarks/work/<preset>].")
     ap.add_argument("--all-cores", action="store_true",
                     help="Also run the pipeline with every core per rank (no sharing of the host's cores).")
+    ap.add_argument("--batch", type=int, default=0, metavar="N",
+                    help="Also run batch mode with N prompts decoded together, in one process and on the pipeline.")
     args = ap.parse_args(argv)
     work = args.work or HERE / "work" / args.preset
     work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     peers = {"single": run_single, "pipeline": run_pipeline}
     if args.all_cores:
         peers["all-cores"] = lambda g: run_pipeline(g, threads=cores)
+    if args.batch:
+        prompts = work / f"prompts-{args.batch}.txt"
+        prompts.write_text("".join(f"Prompt {i}: tell me a long story about the number {i}.\n"
+                                   for i in range(args.batch)))
+        batch = ["generate", "-m", str(model), "--prompts-file", str(prompts), "-n", str(args.gen_tokens),
+                 "--batch-size", str(args.batch), "--temp", "0"]
+        peers["batch single"] = lambda g: run_batch(batch, pipeline=False)
+        peers["batch pipeline"] = lambda g: run_batch(batch, pipeline=True)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     for r in range(args.rounds):
         for name, run in peers.items():
@@ -122,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset} {args.bits}-bit, prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
           f"{args.rounds} interleaved rounds (medians)")
     print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}  peak RSS GB")
-    for name in results:
+    for name in (n for n in results if not n.startswith("batch")):
         print(f"{name:10} {med(name, 'prefill_tps'):14.2f} {med(name, 'decode_tps'):13.2f}  "
               + " / ".join(f"{x:.3f}" for x in rss(name)))
     print(f"pipeline / single: prefill {med('pipeline', 'prefill_tps') / med('single', 'prefill_tps'):.2f}x, "
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
+    if args.batch:
+        print(f"batch mode, {args.batch} prompts x {args.gen_tokens} tokens: single {med('batch single', 'batch_tps'):.2f}"
+              f" tok/s, pipeline {med('batch pipeline', 'batch_tps'):.2f} tok/s "
+              f"({med('batch pipeline', 'batch_tps') / med('batch single', 'batch_tps'):.2f}x)")
     if args.all_cores:
         print(f"pipeline with {cores // 2} / {cores} threads per rank: prefill "
               f"{med('pipeline', 'prefill_tps') / med('all-cores', 'prefill_tps'):.2f}x, "

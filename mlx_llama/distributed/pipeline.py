@@ -174,8 +174,8 @@ class Pipeline:
         if not self.stage.plan.last:
             self._send(plan, g.rank + 1)
         values = np.array(plan).tolist()
-        segments_at, dropped, rows = values[: 3 * n_segments], values[3 * n_segments:][:n_dropped], \
-            values[3 * n_segments + n_dropped:]
+        ends = 3 * n_segments, 3 * n_segments + n_dropped  # (key, length, offset) per segment | dropped | rows
+        segments_at, dropped, rows = values[: ends[0]], values[ends[0] : ends[1]], values[ends[1] :]
         for key in dropped:  # sequences rank 0's engine has finished
             caches.pop(key, None)
         segments = []
