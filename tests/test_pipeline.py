@@ -21,7 +21,7 @@ import pytest
 
 from mlx_llama.cli.info import available_cores
 from mlx_llama.distributed.partition import plan_stages, split_layers
-from mlx_llama.distributed.pipeline import share_host_cores
+from mlx_llama.distributed.pipeline import micro_batches, share_host_cores
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.threads import thread_pools
 
@@ -140,6 +140,29 @@ def test_the_batched_engine_on_two_ranks_gives_the_single_process_ids_and_logits
         four_layers: Path, tmp_path: Path, max_kv: int) -> None:
     # 4 prompts, 3 slots, prefill chunks of 3: sequences join, prefill beside decoding ones, and leave.
     _assert_same_run(four_layers, tmp_path, max_kv, "engine")
+
+
+def test_micro_batches_cut_a_step_into_even_contiguous_groups() -> None:
+    lengths, rows = [1, 1, 6, 1, 3], [0, 1, 8, 11]  # two decoding rows, a prompt chunk, two more
+    groups = micro_batches(lengths, rows, parts=2, min_tokens=4)
+    assert [(g.lo, g.hi, g.start, g.length, g.rows) for g in groups] == [(0, 3, 0, 8, [0, 1]), (3, 5, 8, 4, [0, 3])]
+    assert len(micro_batches(lengths, rows, parts=2, min_tokens=7)) == 1  # 12 tokens: not two of 7
+    assert len(micro_batches(lengths, rows, parts=2, min_tokens=0)) == 1
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 9) for _ in range(rng.randint(1, 8))]
+        rows = sorted(rng.sample(range(sum(lengths)), rng.randint(0, min(4, sum(lengths)))))
+        groups = micro_batches(lengths, rows, parts=rng.randint(1, 4), min_tokens=rng.randint(0, 10))
+        assert [g.lo for g in groups] == [0] + [g.hi for g in groups[:-1]] and groups[-1].hi == len(lengths)
+        assert all(g.hi > g.lo and g.length == sum(lengths[g.lo : g.hi]) for g in groups)
+        assert [g.start + r for g in groups for r in g.rows] == rows
+
+
+def test_micro_batches_on_two_ranks_give_the_single_process_ids_and_logits(
+        make_quantized_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Quantized weights: our kernels are row-invariant, so cutting a step's rows changes no bit.
+    monkeypatch.setenv("MLX_LLAMA_PIPELINE_MICRO_TOKENS", "1")  # every step of several sequences is cut
+    _assert_same_run(make_quantized_dir(4, 32), tmp_path, -1, "engine")
 
 
 @pytest.mark.skipif(not STORIES260K.is_dir(), reason="stories260K fixture not present")

@@ -205,6 +205,51 @@ class Pipeline:
             self._send(header, 1)
 
 
+# A packed step is cut into micro-batches (up to one per rank) only when each gets this many tokens:
+# below it a step is memory-bound (reading the weights costs what it costs for one row), and every
+# micro-batch would read them again.  $MLX_LLAMA_PIPELINE_MICRO_TOKENS overrides it; 0 never cuts.
+MICRO_BATCH_TOKENS = 32
+
+
+def micro_batch_tokens() -> int:
+    value = os.environ.get("MLX_LLAMA_PIPELINE_MICRO_TOKENS", "").strip()
+    if not value:
+        return MICRO_BATCH_TOKENS
+    if not value.isdigit():
+        raise MlxLlamaError(f"MLX_LLAMA_PIPELINE_MICRO_TOKENS={value!r}: give a number of tokens (0: no micro-batches)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Segments [lo, hi) of a packed step: its tokens [start, start + length), its sampled rows (from 0)."""
+
+    lo: int
+    hi: int
+    start: int
+    length: int
+    rows: list[int]
+
+
+def micro_batches(lengths: Sequence[int], rows: Sequence[int], parts: int, min_tokens: int) -> list[MicroBatch]:
+    """At most `parts` contiguous groups of the segments (of these token `lengths`), each of at least
+    `min_tokens` tokens where it can be, cut where the tokens are most even; one group when `min_tokens` is 0."""
+    total = sum(lengths)
+    k = 1 if min_tokens <= 0 else max(1, min(parts, len(lengths), total // min_tokens))
+    before = list(itertools.accumulate(lengths, initial=0))  # tokens before segment j
+    bounds = [0]
+    for i in range(1, k):
+        target = i * total / k
+        # The cut after the previous one that leaves a segment for each group still to come.
+        bounds.append(min(range(bounds[-1] + 1, len(lengths) - (k - i) + 1), key=lambda j: abs(before[j] - target)))
+    bounds.append(len(lengths))
+    groups = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        start, stop = before[lo], before[hi]
+        groups.append(MicroBatch(lo, hi, start, stop - start, [r - start for r in rows if start <= r < stop]))
+    return groups
+
+
 class PipelineModel:
     """The `LanguageModel` rank 0 drives: its forward pass runs through every rank of the pipeline."""
 
@@ -218,6 +263,7 @@ class PipelineModel:
         self._keys: dict[int, int] = {}
         self._next_key = itertools.count()
         self._dropped: list[int] = []
+        self.micro_batch_tokens = micro_batch_tokens()
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -266,11 +312,36 @@ class PipelineModel:
         if p.group.size == 1:
             h = stage.forward_packed_layers(h, segments)
             return stage.logits(h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0] if rows else no_rows
+        compute = send = wait = 0.0
+        groups = micro_batches([n for n, _ in segments], rows, p.group.size, self.micro_batch_tokens)
+        # Each micro-batch goes on as soon as rank 0's layers are done with it, so that rank 1 works
+        # on the first while rank 0 runs the next: to the other ranks, each is a step of its own.
+        for g in groups:
+            c, s = self._send_step(h[:, g.start : g.start + g.length], segments[g.lo : g.hi], g.rows)
+            compute, send = compute + c, send + s
+        received = []
+        for g in groups:
+            if g.rows:  # (the last rank sends nothing back for prompt chunks alone)
+                h_rows, w = p._recv((1, len(g.rows), self.config.hidden_size), stage.compute_dtype, p.group.size - 1)
+                received.append(h_rows)
+                wait += w
+        if not received:  # the next step may start at once
+            return no_rows
+        t = time.perf_counter()
+        logits = stage.logits(mx.concatenate(received, axis=1), last_only=False)[0]
+        mx.eval(logits)
+        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait)
+        return logits
+
+    def _send_step(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
+                   rows: Sequence[int]) -> tuple[float, float]:
+        """Start a packed step on the other ranks, run rank 0's layers, pass them on: (compute, send) seconds."""
+        p, stage = self.pipeline, self.pipeline.stage
         keys = [self._key(cache) for _, cache in segments]
         dropped, self._dropped = self._dropped, []
         first = segments[0][1][0]
         max_kv = first.max_size
-        header = mx.array([_PACKED, tokens.shape[1], len(segments), len(dropped), len(rows),
+        header = mx.array([_PACKED, h.shape[1], len(segments), len(dropped), len(rows),
                            -1 if max_kv is None else max_kv, getattr(first, "keep", 0)], dtype=mx.int32)
         plan = [v for key, (n, cache) in zip(keys, segments) for v in (key, n, cache[0].offset)]
         p._send(header, 1)
@@ -279,15 +350,7 @@ class PipelineModel:
         h = stage.forward_packed_layers(h, segments)
         mx.eval(h, *[c.state[0] for _, cache in segments for c in cache])
         compute = time.perf_counter() - t
-        send = p._send(h, 1)
-        if not rows:  # the last rank sends nothing back: the next step may start at once
-            return no_rows
-        h, wait = p._recv((1, len(rows), self.config.hidden_size), stage.compute_dtype, p.group.size - 1)
-        t = time.perf_counter()
-        logits = stage.logits(h, last_only=False)[0]
-        mx.eval(logits)
-        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait)
-        return logits
+        return compute, p._send(h, 1)
 
     def _key(self, cache: Sequence[KVCache]) -> int:
         """The other ranks' name for the sequence whose caches on rank 0 are `cache`."""
