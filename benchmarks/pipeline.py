@@ -9,7 +9,9 @@ Ranks on one host size their thread pools to their share of its cores;
 `--all-cores` adds a third peer to each round, the pipeline with every core per
 rank ($MLX_LLAMA_NUM_THREADS set), to measure what the sharing buys.
 `--batch N` adds batch mode (`generate --prompts-file`, N prompts decoded together
-on the batched engine) in one process and on the pipeline: aggregate tok/s.
+on the batched engine) in one process and on the pipeline: aggregate tok/s; the
+pipeline runs with its micro-batches (default), without (0) and with steps of 8
+rows cut too ($MLX_LLAMA_PIPELINE_MICRO_TOKENS=4).
 
     python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
     python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores --batch 8
@@ -88,13 +90,15 @@ def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, A
             "comm_ms_per_token": hop_ms + per_rank[0]["send_ms"] + per_rank[1]["send_ms"]}
 
 
-def run_batch(generate: list[str], pipeline: bool) -> dict[str, Any]:
-    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s."""
+def run_batch(generate: list[str], pipeline: bool, micro_tokens: int | None = None) -> dict[str, Any]:
+    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s.
+    `micro_tokens`: $MLX_LLAMA_PIPELINE_MICRO_TOKENS for the pipeline (None: its default)."""
     launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--"]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*(launch if pipeline else []), str(BIN / "mlx-llama"), *generate, "-o", f"{tmp}/out.json",
                *(["--pipeline"] if pipeline else [])]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        env = None if micro_tokens is None else {**os.environ, "MLX_LLAMA_PIPELINE_MICRO_TOKENS": str(micro_tokens)}
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     m = _BATCH.search(run.stderr)
     if run.returncode != 0 or not m:
         raise SystemExit(f"batch mode failed:\n{run.stderr}")
@@ -126,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         peers["all-cores"] = lambda g: run_pipeline(g, threads=cores)
     if args.batch:
         prompts = work / f"prompts-{args.batch}.txt"
-        prompts.write_text("".join(f"Prompt {i}: tell me a long story about the number {i}.\n"
-                                   for i in range(args.batch)))
+        # About --prompt-tokens tokens each (one per repeated word), so that prefill weighs as in the single runs.
+        prompts.write_text("".join(f"Prompt {i}:" + " story" * args.prompt_tokens + "\n" for i in range(args.batch)))
         batch = ["generate", "-m", str(model), "--prompts-file", str(prompts), "-n", str(args.gen_tokens),
                  "--batch-size", str(args.batch), "--temp", "0"]
         peers["batch single"] = lambda g: run_batch(batch, pipeline=False)
         peers["batch pipeline"] = lambda g: run_batch(batch, pipeline=True)
+        peers["batch no micro"] = lambda g: run_batch(batch, pipeline=True, micro_tokens=0)
+        peers["batch micro 4"] = lambda g: run_batch(batch, pipeline=True, micro_tokens=4)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     for r in range(args.rounds):
         for name, run in peers.items():
@@ -156,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
     if args.batch:
-        print(f"batch mode, {args.batch} prompts x {args.gen_tokens} tokens: single {med('batch single', 'batch_tps'):.2f}"
+        print(f"batch mode, {args.batch} prompts of ~{args.prompt_tokens} tokens, {args.gen_tokens} generated: single {med('batch single', 'batch_tps'):.2f}"
               f" tok/s, pipeline {med('batch pipeline', 'batch_tps'):.2f} tok/s "
-              f"({med('batch pipeline', 'batch_tps') / med('batch single', 'batch_tps'):.2f}x)")
+              f"({med('batch pipeline', 'batch_tps') / med('batch single', 'batch_tps'):.2f}x); pipeline without "
+              f"micro-batches {med('batch no micro', 'batch_tps'):.2f} tok/s, with 8-row steps cut too "
+              f"{med('batch micro 4', 'batch_tps'):.2f} tok/s")
     if args.all_cores:
         print(f"pipeline with {cores // 2} / {cores} threads per rank: prefill "
               f"{med('pipeline', 'prefill_tps') / med('all-cores', 'prefill_tps'):.2f}x, "

@@ -340,6 +340,52 @@ def test_a_lost_rank_ends_the_other_with_one_error_line(four_layers: Path, tmp_p
             p.wait()
 
 
+def test_a_killed_rank_ends_batch_mode_and_the_answers_so_far_are_kept(make_checkpoint: Callable[..., Path],
+                                                                        tmp_path: Path) -> None:
+    model = make_checkpoint(tokenizer=True, num_hidden_layers=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\nTell me a story\nAnd another one\n")  # the empty line is answered at once
+    out = tmp_path / "out.json"
+    args = ["generate", "-m", str(model), "--prompts-file", str(prompts), "-o", str(out), "-n", "2000",
+            "--pipeline", "--pipeline-timeout", "3"]
+    rank0, rank1 = _start_ranks([args, args], tmp_path)
+    partial = tmp_path / "out.json.partial.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while not partial.exists() and rank0.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert partial.exists(), rank0.stderr.read() if rank0.poll() is not None else "no partial file"
+        rank1.kill()
+        t = time.monotonic()
+        _, stderr = rank0.communicate(timeout=30)
+        assert time.monotonic() - t < 30 and rank0.returncode == 1
+        assert _last_error_line(stderr).startswith("Error: rank 0 (")
+        assert not out.exists() and json.loads(partial.read_text().splitlines()[0])["output"] == ""
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_an_idle_rank_ends_when_rank_0_dies(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    # Between chat turns or server requests the other ranks wait without a limit: a dead rank 0 still ends them.
+    model = make_checkpoint(tokenizer=True, num_hidden_layers=4)
+    args = ["chat", "-m", str(model), "--pipeline", "--pipeline-timeout", "2"]
+    rank0, rank1 = _start_ranks([args, args], tmp_path)
+    try:
+        time.sleep(5)  # longer than the timeout: rank 1 is idle, not stuck
+        assert rank1.poll() is None, rank1.stderr.read()
+        rank0.kill()
+        _, stderr = rank1.communicate(timeout=30)
+        assert rank1.returncode == 1 and _last_error_line(stderr).startswith("Error: rank 1 (")
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 def test_a_rank_without_the_model_dir_is_named_by_every_rank(four_layers: Path, tmp_path: Path) -> None:
     missing = tmp_path / "not-here"
     procs = _start_ranks([_generate_args(four_layers), _generate_args(missing)], tmp_path)

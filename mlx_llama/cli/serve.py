@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from mlx_llama.cli.pipeline_options import join_pipeline, pipeline_options
 from mlx_llama.errors import MlxLlamaError
@@ -103,8 +104,8 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     loaded = None
     if pipeline:
         # The other ranks hold no copies of rank 0's cached prefixes: no prefix cache (yet) over a pipeline.
-        if click.get_current_context().get_parameter_source("prompt_cache_bytes").name != "DEFAULT" \
-                and prompt_cache_bytes:
+        source = click.get_current_context().get_parameter_source("prompt_cache_bytes")
+        if source is not ParameterSource.DEFAULT and prompt_cache_bytes:
             raise MlxLlamaError("--prompt-cache-bytes does not work with --pipeline")
         prompt_cache_bytes = 0
     config = EngineConfig(max_batch=parallel, kv_budget_bytes=kv_budget, max_queue=max_queue,
