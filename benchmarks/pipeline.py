@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
     if args.batch:
-        print(f"batch mode, {args.batch} prompts of ~{args.prompt_tokens} tokens, {args.gen_tokens} generated: single {med('batch single', 'batch_tps'):.2f}"
-              f" tok/s, pipeline {med('batch pipeline', 'batch_tps'):.2f} tok/s "
-              f"({med('batch pipeline', 'batch_tps') / med('batch single', 'batch_tps'):.2f}x); pipeline without "
+        single, piped = med("batch single", "batch_tps"), med("batch pipeline", "batch_tps")
+        print(f"batch mode, {args.batch} prompts of ~{args.prompt_tokens} tokens, {args.gen_tokens} generated: "
+              f"single {single:.2f} tok/s, pipeline {piped:.2f} tok/s ({piped / single:.2f}x); pipeline without "
               f"micro-batches {med('batch no micro', 'batch_tps'):.2f} tok/s, with 8-row steps cut too "
               f"{med('batch micro 4', 'batch_tps'):.2f} tok/s")
     if args.all_cores:

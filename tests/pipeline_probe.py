@@ -1,6 +1,7 @@
 """Run by tests/test_pipeline.py under `mlx.launch` (or alone): greedy ids and every step's logits to an .npz.
 
-    python pipeline_probe.py MODEL_DIR OUT_PREFIX PROMPT_IDS MAX_TOKENS MAX_KV_SIZE(-1: growing) PREFILL_STEP single|pipeline [engine]
+    python pipeline_probe.py MODEL_DIR OUT_PREFIX PROMPT_IDS MAX_TOKENS MAX_KV_SIZE(-1: growing) PREFILL_STEP
+        single|pipeline [engine]
 
 With `engine`, the batched engine answers several prompts made from PROMPT_IDS
 (fewer slots than prompts, prefill chunks of PREFILL_STEP tokens, so sequences

@@ -141,8 +141,10 @@ class Pipeline:
             else:
                 self._serve_packed(caches, *fields)
 
-    def _fresh_or_continued(self, cache: list[KVCache] | None, offset: int, max_kv: int, keep: int) -> list[KVCache]:
-        """New caches for this rank's layers when rank 0's start at 0, else `cache`, which must be where rank 0's are."""
+    def _fresh_or_continued(self, cache: list[KVCache] | None, offset: int, max_kv: int,
+                            keep: int) -> list[KVCache]:
+        """New caches for this rank's layers when rank 0's start at 0, else `cache`, which must be where
+        rank 0's are."""
         if offset == 0:
             return self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
         if cache and cache[0].offset > offset:
@@ -308,7 +310,8 @@ class PipelineModel:
         """
         p, stage = self.pipeline, self.pipeline.stage
         h = stage.embed(tokens)
-        no_rows = mx.zeros((0, self.config.vocab_size), dtype=self.dtype)  # prompt chunks only: the caches are the result
+        # Prompt chunks only: the caches are the result.
+        no_rows = mx.zeros((0, self.config.vocab_size), dtype=self.dtype)
         if p.group.size == 1:
             h = stage.forward_packed_layers(h, segments)
             return stage.logits(h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0] if rows else no_rows
@@ -322,7 +325,8 @@ class PipelineModel:
         received = []
         for g in groups:
             if g.rows:  # (the last rank sends nothing back for prompt chunks alone)
-                h_rows, w = p._recv((1, len(g.rows), self.config.hidden_size), stage.compute_dtype, p.group.size - 1)
+                shape = (1, len(g.rows), self.config.hidden_size)
+                h_rows, w = p._recv(shape, stage.compute_dtype, p.group.size - 1)
                 received.append(h_rows)
                 wait += w
         if not received:  # the next step may start at once
