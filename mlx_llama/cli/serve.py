@@ -26,10 +26,10 @@ class ByteSize(click.ParamType):
         if isinstance(value, int):
             return value
         text = str(value).strip().lower().removesuffix("b").removesuffix("i")
-        number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+        number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "")
         try:
             size = int(float(number) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; infinity
             self.fail(f"{value!r} is not a byte size (e.g. 1073741824, 512M, 2G)", param, ctx)
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)
