@@ -5,9 +5,16 @@ Both run `mlx-llama generate --prompt-ids … -v` on the same random-weight 4-bi
 checkpoint and prompt, in interleaved rounds (single, pipeline, single, …), and
 report prefill and decode tok/s, each process's peak RSS (target: each rank
 ≤ 0.6× the single process) and the pipeline's per-token time in communication.
+Ranks on one host size their thread pools to their share of its cores;
+`--all-cores` adds a third peer to each round, the pipeline with every core per
+rank ($MLX_LLAMA_NUM_THREADS set), to measure what the sharing buys.
+`--batch N` adds batch mode (`generate --prompts-file`, N prompts decoded together
+on the batched engine) in one process and on the pipeline: aggregate tok/s; the
+pipeline runs with its micro-batches (default), without (0) and with steps of 8
+rows cut too ($MLX_LLAMA_PIPELINE_MICRO_TOKENS=4).
 
     python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
-    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3
+    python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores --batch 8
 
 Both ranks share this machine's cores, and a single stream keeps one rank busy
 at a time, so the pipeline can only lose speed here: what it buys is memory.
@@ -22,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from throughput import log, prepare_hf, prepare_mlx  # noqa: E402  (the checkpoi
 
 BIN = Path(sys.executable).parent
 _STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generation: (\d+) tokens, ([\d.]+) tok/s")
+_BATCH = re.compile(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)")
 _RANK = re.compile(r"rank (\d+) \(.*?\): layers (\d+)-(\d+) .*?peak RSS ([\d.]+) GB.*?per token: compute ([\d.]+) ms, "
                    r"send ([\d.]+) ms, waiting for peers ([\d.]+) ms")
 
@@ -61,10 +70,12 @@ def run_single(generate: list[str]) -> dict[str, Any]:
     return {**_speeds(stderr), "peak_rss_gb": [rss / 1e9]}
 
 
-def run_pipeline(generate: list[str]) -> dict[str, Any]:
+def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, Any]:
+    """Two local ranks; `threads`: each rank's thread pools (None: the ranks' share of the cores)."""
     cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
            str(BIN / "mlx-llama"), *generate, "--pipeline"]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MLX_LLAMA_NUM_THREADS": str(threads)} if threads else None
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"pipeline failed:\n{run.stderr}")
     ranks = sorted((int(m.group(1)), m) for m in _RANK.finditer(run.stderr))
@@ -79,6 +90,21 @@ def run_pipeline(generate: list[str]) -> dict[str, Any]:
             "comm_ms_per_token": hop_ms + per_rank[0]["send_ms"] + per_rank[1]["send_ms"]}
 
 
+def run_batch(generate: list[str], pipeline: bool, micro_tokens: int | None = None) -> dict[str, Any]:
+    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s.
+    `micro_tokens`: $MLX_LLAMA_PIPELINE_MICRO_TOKENS for the pipeline (None: its default)."""
+    launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [*(launch if pipeline else []), str(BIN / "mlx-llama"), *generate, "-o", f"{tmp}/out.json",
+               *(["--pipeline"] if pipeline else [])]
+        env = None if micro_tokens is None else {**os.environ, "MLX_LLAMA_PIPELINE_MICRO_TOKENS": str(micro_tokens)}
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    m = _BATCH.search(run.stderr)
+    if run.returncode != 0 or not m:
+        raise SystemExit(f"batch mode failed:\n{run.stderr}")
+    return {"batch_tps": float(m.group(3)), "batch_tokens": int(m.group(1))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3.2-1b")
@@ -87,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="Checkpoint directory [benchmarks/work/<preset>].")
+    ap.add_argument("--all-cores", action="store_true",
+                    help="Also run the pipeline with every core per rank (no sharing of the host's cores).")
+    ap.add_argument("--batch", type=int, default=0, metavar="N",
+                    help="Also run batch mode with N prompts decoded together, in one process and on the pipeline.")
     args = ap.parse_args(argv)
     work = args.work or HERE / "work" / args.preset
     work.mkdir(parents=True, exist_ok=True)
@@ -94,9 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     ids = np.random.default_rng(0).integers(0, 128000, args.prompt_tokens)
     generate = ["generate", "-m", str(model), "--prompt-ids", ",".join(map(str, ids)), "-n", str(args.gen_tokens),
                 "--temp", "0", "-v"]
-    results: dict[str, list[dict[str, Any]]] = {"single": [], "pipeline": []}
+    cores = len(os.sched_getaffinity(0))
+    peers = {"single": run_single, "pipeline": run_pipeline}
+    if args.all_cores:
+        peers["all-cores"] = lambda g: run_pipeline(g, threads=cores)
+    if args.batch:
+        prompts = work / f"prompts-{args.batch}.txt"
+        # About --prompt-tokens tokens each (one per repeated word), so that prefill weighs as in the single runs.
+        prompts.write_text("".join(f"Prompt {i}:" + " story" * args.prompt_tokens + "\n" for i in range(args.batch)))
+        batch = ["generate", "-m", str(model), "--prompts-file", str(prompts), "-n", str(args.gen_tokens),
+                 "--batch-size", str(args.batch), "--temp", "0"]
+        peers["batch single"] = lambda g: run_batch(batch, pipeline=False)
+        peers["batch pipeline"] = lambda g: run_batch(batch, pipeline=True)
+        peers["batch no micro"] = lambda g: run_batch(batch, pipeline=True, micro_tokens=0)
+        peers["batch micro 4"] = lambda g: run_batch(batch, pipeline=True, micro_tokens=4)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     for r in range(args.rounds):
-        for name, run in (("single", run_single), ("pipeline", run_pipeline)):
+        for name, run in peers.items():
             log(f"round {r + 1}/{args.rounds}: {name}")
             results[name].append(run(generate))
 
@@ -111,12 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset} {args.bits}-bit, prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
           f"{args.rounds} interleaved rounds (medians)")
     print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}  peak RSS GB")
-    for name in ("single", "pipeline"):
+    for name in (n for n in results if not n.startswith("batch")):
         print(f"{name:10} {med(name, 'prefill_tps'):14.2f} {med(name, 'decode_tps'):13.2f}  "
               + " / ".join(f"{x:.3f}" for x in rss(name)))
     print(f"pipeline / single: prefill {med('pipeline', 'prefill_tps') / med('single', 'prefill_tps'):.2f}x, "
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
+    if args.batch:
+        single, piped = med("batch single", "batch_tps"), med("batch pipeline", "batch_tps")
+        print(f"batch mode, {args.batch} prompts of ~{args.prompt_tokens} tokens, {args.gen_tokens} generated: "
+              f"single {single:.2f} tok/s, pipeline {piped:.2f} tok/s ({piped / single:.2f}x); pipeline without "
+              f"micro-batches {med('batch no micro', 'batch_tps'):.2f} tok/s, with 8-row steps cut too "
+              f"{med('batch micro 4', 'batch_tps'):.2f} tok/s")
+    if args.all_cores:
+        print(f"pipeline with {cores // 2} / {cores} threads per rank: prefill "
+              f"{med('pipeline', 'prefill_tps') / med('all-cores', 'prefill_tps'):.2f}x, "
+              f"decode {med('pipeline', 'decode_tps') / med('all-cores', 'decode_tps'):.2f}x")
     print(f"communication per token (two hops + sends): {med('pipeline', 'comm_ms_per_token'):.2f} ms; "
           "layers per rank: " + ", ".join(r["layers"] for r in results["pipeline"][-1]["ranks"]))
     for r in results["pipeline"][-1]["ranks"]:

@@ -1,6 +1,11 @@
 """Run by tests/test_pipeline.py under `mlx.launch` (or alone): greedy ids and every step's logits to an .npz.
 
-    python pipeline_probe.py MODEL_DIR OUT_PREFIX PROMPT_IDS MAX_TOKENS MAX_KV_SIZE(-1: growing) PREFILL_STEP single|pipeline
+    python pipeline_probe.py MODEL_DIR OUT_PREFIX PROMPT_IDS MAX_TOKENS MAX_KV_SIZE(-1: growing) PREFILL_STEP
+        single|pipeline [engine]
+
+With `engine`, the batched engine answers several prompts made from PROMPT_IDS
+(fewer slots than prompts, prefill chunks of PREFILL_STEP tokens, so sequences
+join and leave mid-run); the .npz holds each request's ids and logits rows.
 
 Each rank of a pipeline also writes OUT_PREFIX.rank<r>.json: the tensors it read
 and the bytes it read from disk while loading (/proc/self/io rchar).
@@ -39,8 +44,27 @@ class Recording:
         return out
 
 
+def run_engine(model: Any, prompt_ids: list[int], max_tokens: int, max_kv: int | None, step: int) -> dict[str, Any]:
+    from mlx_llama.generation.engine import Engine, EngineConfig
+    from mlx_llama.generation.requests import GenerationRequest
+
+    prompts = [prompt_ids, prompt_ids[:2], prompt_ids[::-1] + prompt_ids, prompt_ids[3:]]
+    engine = Engine(model, EngineConfig(max_batch=3, max_queue=len(prompts), max_kv_size=max_kv, keep=2,
+                                        prefill_chunk=step, prefill_tokens_per_step=2 * step))
+    ids = [engine.submit(GenerationRequest(p, max_tokens - i, return_logits=True)) for i, p in enumerate(prompts)]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    logits: dict[int, list[np.ndarray]] = {i: [] for i in ids}
+    while engine.has_work:
+        for ev in engine.step():
+            if ev.token is not None:
+                tokens[ev.request_id].append(ev.token)
+                logits[ev.request_id].append(ev.logits)
+    return {**{f"ids{i}": np.array(tokens[r]) for i, r in enumerate(ids)},
+            **{f"logits{i}": np.stack(logits[r]) for i, r in enumerate(ids)}}
+
+
 def main() -> None:
-    model_dir, out, prompt, max_tokens, max_kv, step, mode = sys.argv[1:]
+    model_dir, out, prompt, max_tokens, max_kv, step, mode, *engine = sys.argv[1:]
     prompt_ids = [int(t) for t in prompt.split(",")]
     if mode == "single":
         from mlx_llama.loader import load_model
@@ -59,12 +83,17 @@ def main() -> None:
             pipe.serve()
             return
         model = PipelineModel(pipe, checkpoint.model_dir.path, {})
-    rec = Recording(model)
-    ids = list(generate_tokens(rec, prompt_ids, max_tokens=int(max_tokens), prefill_step_size=int(step),
-                               max_kv_size=None if int(max_kv) < 0 else int(max_kv), keep=2))
+    max_kv_size = None if int(max_kv) < 0 else int(max_kv)
+    if engine:
+        arrays = run_engine(model, prompt_ids, int(max_tokens), max_kv_size, int(step))
+    else:
+        rec = Recording(model)
+        ids = list(generate_tokens(rec, prompt_ids, max_tokens=int(max_tokens), prefill_step_size=int(step),
+                                   max_kv_size=max_kv_size, keep=2))
+        arrays = {"ids": np.array(ids), **{f"logits{i}": a for i, a in enumerate(rec.logits)}}
     if mode != "single":
         pipe.stop()
-    np.savez(f"{out}.npz", ids=np.array(ids), **{f"logits{i}": a for i, a in enumerate(rec.logits)})
+    np.savez(f"{out}.npz", **arrays)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
 from mlx_llama.cli.info import available_cores
 from mlx_llama.cli.options import dtype_option, model_option
+from mlx_llama.threads import thread_pools
 
 
 class IntList(click.ParamType):
@@ -32,29 +32,6 @@ class IntList(click.ParamType):
         if low:
             self.fail(f"{low[0]} is below the minimum {self.min}", param, ctx)
         return list(dict.fromkeys(numbers))  # each value once, in the order given
-
-
-@contextlib.contextmanager
-def thread_pools() -> Iterator[Callable[[int], None]]:
-    """A setter for both thread pools the model uses, OpenBLAS (prefill matmuls) and our
-    quantized-matmul kernels; their sizes are restored afterwards (the CLI may run in-process)."""
-    from mlx_llama.kernels import blas, extension
-
-    ext = extension.module()
-    before = blas.info().threads, ext.num_threads() if ext is not None else 0
-
-    def set_threads(n: int) -> None:
-        blas.set_threads(n)
-        if ext is not None:
-            ext.set_num_threads(n)
-
-    try:
-        yield set_threads
-    finally:
-        if before[0]:
-            blas.set_threads(before[0])
-        if ext is not None:
-            ext.set_num_threads(before[1])
 
 
 @click.command("bench")

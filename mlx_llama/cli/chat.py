@@ -13,6 +13,7 @@ from mlx_llama.generation.prompt_cache import PromptCacheFile, refuse_foreign_fi
 from mlx_llama.backends import load_backend
 from mlx_llama.chat.session import ChatSession
 from mlx_llama.cli.options import cache_kwargs, model_options, sampling_options, sampling_params
+from mlx_llama.cli.pipeline_options import join_pipeline, pipeline_options
 from mlx_llama.errors import MlxLlamaError
 
 PROMPT = ">>> "
@@ -211,8 +212,10 @@ def _scripted(session: ChatSession, lines: Iterator[str], jsonl: bool, after_tur
 @click.option("--jsonl", is_flag=True,
               help="When piped: print each answer as one JSON line with token counts.")
 @sampling_options
+@pipeline_options
 def chat_command(model_path: str, backend: str, dtype: str | None, system: str | None,
-                 prompt_cache: Path | None, jsonl: bool, **opts: Any) -> None:
+                 prompt_cache: Path | None, jsonl: bool, pipeline: bool, pipeline_timeout: float,
+                 **opts: Any) -> None:
     """Chat with a model; the KV cache is kept between turns.
 
     Interactive on a terminal.  With stdin piped, every line is one user turn
@@ -224,9 +227,16 @@ def chat_command(model_path: str, backend: str, dtype: str | None, system: str |
     notify = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if prompt_cache is not None and backend != "mlx":
         raise click.UsageError("--prompt-cache needs the mlx backend")
+    loaded = None
+    if pipeline:
+        if backend != "mlx" or prompt_cache is not None:
+            raise MlxLlamaError("--pipeline works on the mlx backend, without --prompt-cache")
+        loaded = join_pipeline(model_path, dtype, pipeline_timeout, verbose=False, wait_idle=True)
+        if loaded is None:
+            return  # a rank > 0: it served its layers until rank 0 finished
     if prompt_cache is not None:
         refuse_foreign_file(prompt_cache)
-    model, tokenizer = load_backend(backend, model_path, dtype)
+    model, tokenizer = loaded if loaded is not None else load_backend(backend, model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, sampling=sampling_params(opts, model.generation_config),
         max_tokens=opts["max_tokens"], notify=notify, **cache_kwargs(opts),

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from mlx_llama.backends import load_backend
 from mlx_llama.cli.batch_output import BatchOutput
 from mlx_llama.cli.constraint_options import constraint_options, grammar_from_options
+from mlx_llama.cli.pipeline_options import join_pipeline, pipeline_options
 from mlx_llama.cli.options import cache_kwargs, model_options, parse_ids, sampling_options, sampling_params
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.batch import DEFAULT_BATCH_SIZE, BatchResult, batch_generate
@@ -45,27 +46,6 @@ def _print_stats(stats: GenerationStats, backend: str) -> None:
     )
 
 
-def _join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: bool) -> tuple[Any, Any] | None:
-    """Rank 0: `(model, tokenizer)` that run through the whole pipeline.  Other ranks: serve, then None."""
-    from mlx_llama.distributed.pipeline import PipelineModel, start_pipeline
-    from mlx_llama.tokenizer import Tokenizer
-
-    pipe, checkpoint = start_pipeline(model_path, dtype, timeout)
-    report = (lambda: click.echo(pipe.describe(), err=True)) if verbose else (lambda: None)
-    if pipe.group.rank > 0:
-        pipe.serve()
-        report()
-        return None
-    ctx = click.get_current_context()
-    ctx.call_on_close(report)
-    # Runs first (last registered), also when generation fails: click closes the context while the
-    # exception propagates, so sys.exc_info() tells the other ranks whether to exit with an error.
-    ctx.call_on_close(lambda: pipe.stop(aborted=sys.exc_info()[0] is not None))
-    model_dir = checkpoint.model_dir
-    model = PipelineModel(pipe, model_dir.path, model_dir.generation_config)
-    return model, Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
-
-
 def _notice_context_end(stats: GenerationStats, max_tokens: int, context: int) -> None:
     """Say so when the answer stopped because the model's context was full, not at -n."""
     if stats.finish_reason == "length" and stats.generation_tokens < max_tokens:
@@ -90,10 +70,7 @@ def _notice_context_end(stats: GenerationStats, max_tokens: int, context: int) -
 @click.option("--prompt-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="Reuse the KV cache of the longest prompt prefix stored in this file, and store the prompt there.")
 @sampling_options
-@click.option("--pipeline", is_flag=True,
-              help="Split the layers across the ranks of `mlx.launch` (pipeline parallelism); rank 0 prints.")
-@click.option("--pipeline-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
-              help="With --pipeline: exit with an error when the other ranks are silent this many seconds.")
+@pipeline_options
 @constraint_options
 @click.option("--verbose", "-v", is_flag=True, help="Print speed and memory statistics.")
 def generate_command(model_path: str, backend: str, dtype: str | None, prompt: str | None,
@@ -107,9 +84,22 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
         raise click.UsageError("give exactly one of --prompt, --prompt-ids or --prompts-file")
     if (output is None) != (prompts_file is None):
         raise MlxLlamaError("--prompts-file and --output go together")
+    if prompts_file is not None and backend != "mlx":
+        raise MlxLlamaError("batch mode (--prompts-file) runs on the mlx backend")
+    if prompt_cache is not None and (backend != "mlx" or prompt is None):
+        raise click.UsageError("--prompt-cache works with --prompt on the mlx backend")
+    if raw and system is not None:
+        raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
+
+    loaded = None
+    if pipeline:
+        if backend != "mlx" or prompt_cache is not None:
+            raise MlxLlamaError("--pipeline works with --prompt, --prompt-ids or --prompts-file on the mlx backend")
+        loaded = join_pipeline(model_path, dtype, pipeline_timeout, verbose)
+        if loaded is None:
+            return  # a rank > 0: it served its layers until rank 0 finished
+
     if prompts_file is not None:
-        if backend != "mlx":
-            raise MlxLlamaError("batch mode (--prompts-file) runs on the mlx backend")
         batch_out = BatchOutput(output, force)
         try:
             # Lines are kept as written (no stripping) and in place: an empty line gets an empty answer.
@@ -118,26 +108,13 @@ def generate_command(model_path: str, backend: str, dtype: str | None, prompt: s
             raise MlxLlamaError(f"cannot read {prompts_file}: {e}") from None
         if not any(prompts):
             raise MlxLlamaError(f"{prompts_file} holds no prompts")
-
-    if prompt_cache is not None and (backend != "mlx" or prompt is None):
-        raise click.UsageError("--prompt-cache works with --prompt on the mlx backend")
-    if raw and system is not None:
-        raise click.UsageError("--raw sends the prompt without the chat template, so it has no place for --system")
     if prompt_cache is not None:
         refuse_foreign_file(prompt_cache)
     grammar = grammar_from_options(opts)
     if grammar is not None and prompts_file is not None:
         raise MlxLlamaError("output constraints (--json, --regex, ...) work with --prompt or --prompt-ids")
 
-    if pipeline:
-        if backend != "mlx" or prompts_file is not None or prompt_cache is not None:
-            raise MlxLlamaError("--pipeline works with --prompt or --prompt-ids on the mlx backend")
-        loaded = _join_pipeline(model_path, dtype, pipeline_timeout, verbose)
-        if loaded is None:
-            return  # a rank > 0: it served its layers until rank 0 finished
-        model, tokenizer = loaded
-    else:
-        model, tokenizer = load_backend(backend, model_path, dtype)
+    model, tokenizer = loaded if loaded is not None else load_backend(backend, model_path, dtype)
     params = sampling_params(opts, model.generation_config)
     max_tokens, cache_opts = opts["max_tokens"], cache_kwargs(opts)
     stats = GenerationStats()

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from mlx_llama.cli.pipeline_options import join_pipeline, pipeline_options
 from mlx_llama.errors import MlxLlamaError
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -24,10 +26,10 @@ class ByteSize(click.ParamType):
         if isinstance(value, int):
             return value
         text = str(value).strip().lower().removesuffix("b").removesuffix("i")
-        number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+        number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "")
         try:
             size = int(float(number) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; infinity
             self.fail(f"{value!r} is not a byte size (e.g. 1073741824, 512M, 2G)", param, ctx)
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)
@@ -83,10 +85,11 @@ def _is_loopback(host: str) -> bool:
               help="Browser origins allowed to call the API, e.g. http://localhost:3000 (repeatable; * for any).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@pipeline_options
 def serve_command(model_path: str, dtype: str | None, host: str, port: int, model_name: str | None,
                   parallel: int, max_queue: int, default_max_tokens: int, max_kv_size: int | None, kv_budget: int,
                   prompt_cache_bytes: int, api_key: str | None, api_key_file: Path | None,
-                  cors_origins: tuple[str, ...], log_level: str) -> None:
+                  cors_origins: tuple[str, ...], log_level: str, pipeline: bool, pipeline_timeout: float) -> None:
     """Serve a model over the OpenAI API (chat and text completions, streaming)."""
     import uvicorn
 
@@ -98,14 +101,26 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     from mlx_llama.server import structured
     from mlx_llama.server.worker import EngineWorker
 
+    loaded = None
+    if pipeline:
+        # The other ranks hold no copies of rank 0's cached prefixes: no prefix cache (yet) over a pipeline.
+        source = click.get_current_context().get_parameter_source("prompt_cache_bytes")
+        if source is not ParameterSource.DEFAULT and prompt_cache_bytes:
+            raise MlxLlamaError("--prompt-cache-bytes does not work with --pipeline")
+        prompt_cache_bytes = 0
+    config = EngineConfig(max_batch=parallel, kv_budget_bytes=kv_budget, max_queue=max_queue,
+                          max_kv_size=max_kv_size, prefix_cache_bytes=prompt_cache_bytes)
+    config.validate()
+    if pipeline:
+        # Joined before the key file is read: only rank 0 serves HTTP.
+        loaded = join_pipeline(model_path, dtype, pipeline_timeout, verbose=False, wait_idle=True)
+        if loaded is None:
+            return  # a rank > 0: it ran its layers until rank 0 stopped
     key = _api_key(api_key, api_key_file)
     if key is None and not _is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
                    err=True)
-    config = EngineConfig(max_batch=parallel, kv_budget_bytes=kv_budget, max_queue=max_queue,
-                          max_kv_size=max_kv_size, prefix_cache_bytes=prompt_cache_bytes)
-    config.validate()
-    model, tokenizer = load(model_path, dtype)
+    model, tokenizer = loaded if loaded is not None else load(model_path, dtype)
     served = ServedModel(
         name=model_name or Path(model_path).resolve().name, tokenizer=tokenizer,
         context_length=model.config.max_position_embeddings, default_max_tokens=default_max_tokens,
@@ -116,7 +131,12 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
     )
     structured.prepare(tokenizer, model.config.vocab_size)  # response_format's matcher, built meanwhile
     metrics = ServerMetrics()
-    worker = EngineWorker(Engine(model, config), on_step=metrics.on_step)
+    if pipeline:
+        from mlx_llama.distributed.serving import PipelineEngineWorker
+
+        worker: EngineWorker = PipelineEngineWorker(Engine(model, config), model.pipeline, on_step=metrics.on_step)
+    else:
+        worker = EngineWorker(Engine(model, config), on_step=metrics.on_step)
     app = create_app(served, worker, metrics, api_key=key, cors_origins=cors_origins)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     click.echo(f"serving {served.name} at http://{host}:{port}/v1 ({parallel} in parallel)", err=True)

@@ -1,8 +1,11 @@
 """Which tensors each pipeline rank holds: contiguous layer ranges balanced by bytes.
 
-Rank 0 also holds the token embedding, the last rank the final norm and the
-output head (for a tied embedding that is the embedding matrix again), so
-those bytes count towards the ends' shares and the ends get fewer layers.
+Rank 0 holds the two ends of the model besides its layers: the token
+embedding, the final norm and the output head (for a tied embedding, the
+embedding matrix again, so it is held once).  The last rank sends its hidden
+states back to rank 0, which turns them into logits.  Those bytes, and the
+memory of the tokenizer rank 0 alone loads, count towards rank 0's share, so
+rank 0 gets fewer layers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ HEAD_PREFIXES = ("model.norm.", "lm_head.")
 
 @dataclass(frozen=True)
 class StagePlan:
-    """What one rank of `size` holds: `layers` (checkpoint indices) and whether it embeds / produces logits."""
+    """What one rank of `size` holds: `layers` (checkpoint indices), and on rank 0 the embedding and the head."""
 
     rank: int
     size: int
@@ -40,10 +43,10 @@ class StagePlan:
         if m:
             return int(m.group(1)) in self.layers
         if name.startswith(EMBEDDING_PREFIX):
-            return self.first or (self.last and tied_embeddings)
+            return self.first
         if name.startswith(HEAD_PREFIXES):
             # A tied checkpoint's stray lm_head copy is never loaded: the embedding serves.
-            return self.last and not (tied_embeddings and name.startswith("lm_head."))
+            return self.first and not (tied_embeddings and name.startswith("lm_head."))
         return False
 
 
@@ -51,11 +54,11 @@ def _part_bytes(prefix: list[int], lo: int, hi: int) -> int:
     return prefix[hi] - prefix[lo]
 
 
-def split_layers(layer_bytes: list[int], size: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+def split_layers(layer_bytes: list[int], size: int, first_extra: int = 0) -> list[range]:
     """`size` contiguous, non-empty layer ranges that minimise the largest rank's bytes.
 
-    `first_extra` / `last_extra` are the bytes rank 0 / the last rank hold besides
-    layers (embedding; norm and head).  Exact dynamic programme over the split points:
+    `first_extra` is the bytes rank 0 holds besides layers (embedding, norm and
+    head).  Exact dynamic programme over the split points:
     O(size × layers²), nothing for ≤ a few hundred layers.
     """
     n = len(layer_bytes)
@@ -68,8 +71,7 @@ def split_layers(layer_bytes: list[int], size: int, first_extra: int = 0, last_e
         prefix.append(prefix[-1] + b)
 
     def cost(rank: int, lo: int, hi: int) -> int:
-        extra = (first_extra if rank == 0 else 0) + (last_extra if rank == size - 1 else 0)
-        return _part_bytes(prefix, lo, hi) + extra
+        return _part_bytes(prefix, lo, hi) + (first_extra if rank == 0 else 0)
 
     inf = float("inf")
     # best[r][i]: the smallest possible max over ranks 0..r-1 holding layers [0, i); cut[r][i]: rank r-1's start.
@@ -89,19 +91,18 @@ def split_layers(layer_bytes: list[int], size: int, first_extra: int = 0, last_e
     return [range(bounds[r], bounds[r + 1]) for r in range(size)]
 
 
-def plan_stages(tensor_bytes: Mapping[str, int], num_layers: int, size: int, tied_embeddings: bool) -> list[StagePlan]:
-    """The plan of every rank for a checkpoint whose tensors have these sizes."""
+def plan_stages(tensor_bytes: Mapping[str, int], num_layers: int, size: int, tied_embeddings: bool,
+                rank0_extra: int = 0) -> list[StagePlan]:
+    """The plan of every rank for a checkpoint whose tensors have these sizes; `rank0_extra`:
+    bytes rank 0 holds besides tensors (its tokenizer)."""
     layer_bytes = [0] * num_layers
-    embedding = head = 0
+    ends = rank0_extra  # and the embedding, norm and head: rank 0's
+    first = StagePlan(0, size, range(0))
     for name, nbytes in tensor_bytes.items():
         m = _LAYER.match(name)
         if m and int(m.group(1)) < num_layers:
             layer_bytes[int(m.group(1))] += nbytes
-        elif name.startswith(EMBEDDING_PREFIX):
-            embedding += nbytes
-        elif name.startswith(HEAD_PREFIXES) and not (tied_embeddings and name.startswith("lm_head.")):
-            head += nbytes  # (a tied checkpoint's stray lm_head copy is never loaded)
-    if tied_embeddings:
-        head += embedding
-    ranges = split_layers(layer_bytes, size, first_extra=embedding, last_extra=head)
+        elif first.holds(name, tied_embeddings):
+            ends += nbytes
+    ranges = split_layers(layer_bytes, size, first_extra=ends)
     return [StagePlan(rank, size, layers) for rank, layers in enumerate(ranges)]

@@ -3,11 +3,11 @@
 Rank 0 drives.  It runs the ordinary generation loop (mlx_llama.generation.loop)
 on a `PipelineModel`, a `LanguageModel` whose forward pass embeds the tokens,
 runs rank 0's layers and sends the hidden states to rank 1; rank r passes its
-output to rank r+1; the last rank applies the final norm and the head and sends
-the logits back to rank 0 (its ring neighbour), which samples (one RNG, seeded
-once) and prints.  Logits, not tokens, travel back so that every sampling option
-works unchanged on rank 0; that costs vocab × 4 bytes per token (0.5 MB for
-Llama 3), well under a millisecond over Thunderbolt.
+output to rank r+1; the last rank sends its hidden states back to rank 0 (its
+ring neighbour), which applies the final norm and the head, with the kernels
+a single process uses, and samples (one RNG, seeded once) and prints.  The
+head lives on rank 0 so that a tied embedding is held once, and what travels
+back is hidden × 4 bytes per token (8 KB for 1B) rather than vocab × 4 (0.5 MB).
 
 Each step starts with a small header (command, batch, length, cache offset,
 cache kind) that every rank forwards before the hidden states, so the ranks
@@ -16,10 +16,14 @@ cache kind) that every rank forwards before the hidden states, so the ranks
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import resource
+import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,10 +35,13 @@ from mlx_llama.config import ModelConfig
 from mlx_llama.distributed.group import PipelineGroup, join_group
 from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_stage
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.prompt_cache import rollback
 from mlx_llama.interfaces import KVCache
 
-_STOP, _FORWARD, _ABORT = 0, 1, 2
-_HEADER = 7  # command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep
+_STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
+# _FORWARD: command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep.
+# _PACKED: command, tokens, segments, dropped, rows, max_kv_size, keep; then the step's plan.
+_HEADER = 7
 _STATUS_BYTES = 2048
 
 
@@ -45,11 +52,12 @@ class CommStats:
     tokens: int = 0
     compute_s: float = 0.0
     send_s: float = 0.0
-    wait_s: float = 0.0  # waiting for the previous rank (or, on rank 0, for the logits): upstream work + transfer
+    wait_s: float = 0.0  # waiting for the previous rank (on rank 0: for the last one): upstream work + transfer
 
-    def add(self, length: int, compute: float, send: float, wait: float) -> None:
-        if length == 1:
-            self.tokens += 1
+    def add(self, decoded: int, compute: float, send: float, wait: float) -> None:
+        """A step's figures; counted when it decoded (`decoded` tokens, one per sequence) and read no prompt."""
+        if decoded:
+            self.tokens += decoded
             self.compute_s += compute
             self.send_s += send
             self.wait_s += wait
@@ -72,18 +80,21 @@ class Pipeline:
 
     group: PipelineGroup
     stage: PipelineStage
-    logits_dtype: mx.Dtype
+    threads: int | None = None  # the thread pools' size when this rank set it to its share of the host
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
+    stopped: bool = False  # rank 0 told the others to finish
 
     @property
     def config(self) -> ModelConfig:
         return self.stage.config
 
-    def _wait(self, what: str, *arrays: mx.array) -> float:
-        """Evaluate arrays that exchange data with other ranks, under the watchdog; returns the seconds taken."""
+    def _wait(self, what: str, *arrays: mx.array, bounded: bool = True) -> float:
+        """Evaluate arrays that exchange data with other ranks, under the watchdog unless not `bounded`;
+        returns the seconds taken."""
         t = time.perf_counter()
-        self.group.watchdog.arm(what)
+        if bounded:
+            self.group.watchdog.arm(what)
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
@@ -96,49 +107,149 @@ class Pipeline:
     def _send(self, x: mx.array, dst: int) -> float:
         return self._wait(f"sending to rank {dst}", mx.distributed.send(x, dst, group=self.group.group))
 
-    def _recv(self, shape: Sequence[int], dtype: mx.Dtype, src: int) -> tuple[mx.array, float]:
+    def _recv(self, shape: Sequence[int], dtype: mx.Dtype, src: int, bounded: bool = True) -> tuple[mx.array, float]:
         x = mx.distributed.recv(tuple(shape), dtype, src, group=self.group.group)
-        return x, self._wait(f"waiting for rank {src}", x)
+        return x, self._wait(f"waiting for rank {src}", x, bounded=bounded)
 
     def describe(self) -> str:
         layers = self.stage.plan.layers
+        threads = f", {self.threads}-thread pools" if self.threads else ""
         return (f"{self.group.who}: layers {layers.start}-{layers.stop - 1} ({len(self.stage.tensor_names)} tensors, "
-                f"{self.stage.tensor_bytes / 1e6:.1f} MB read), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
+                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
-    def serve(self) -> None:
-        """Ranks > 0: run this rank's layers for every step rank 0 starts, until it stops the pipeline."""
+    def serve(self, wait_idle: bool = False) -> None:
+        """Ranks > 0: run this rank's layers for every step rank 0 starts, until it stops the pipeline.
+
+        `wait_idle`: wait for the next step as long as it takes (a chat or a server is idle between
+        requests); a rank that dies still ends the wait, frozen ranks are only caught within a step.
+        """
         g = self.group
-        prev, nxt, hidden = g.rank - 1, (g.rank + 1) % g.size, self.config.hidden_size
-        cache: list[KVCache] = []
+        cache: list[KVCache] = []  # the one sequence of `generate_tokens` steps
+        caches: dict[int, list[KVCache]] = {}  # the batched engine's sequences, by rank 0's key
         while True:
-            header, _ = self._recv((_HEADER,), mx.int32, prev)
+            header, _ = self._recv((_HEADER,), mx.int32, g.rank - 1, bounded=not wait_idle)
             if not self.stage.plan.last:
-                self._send(header, nxt)
-            command, batch, length, last_only, offset, max_kv, keep = (int(v) for v in np.array(header))
+                self._send(header, g.rank + 1)
+            command, *fields = (int(v) for v in np.array(header))
             if command == _STOP:
                 return
             if command == _ABORT:
                 raise MlxLlamaError(f"{g.who}: rank 0 stopped with an error")
-            if offset == 0:
-                cache = self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
-            elif not cache or cache[0].offset != offset:
-                raise MlxLlamaError(f"{g.who}: out of step with rank 0 (cache at {cache[0].offset if cache else 0}, "
-                                    f"rank 0 at {offset})")
-            h, wait = self._recv((batch, length, hidden), self.stage.compute_dtype, prev)
-            t = time.perf_counter()
-            out = self.stage.forward_layers(h, cache)
-            if self.stage.plan.last:
-                out = self.stage.logits(out, bool(last_only))
-            mx.eval(out, *[a for c in cache for a in c.state[:2]])
-            compute = time.perf_counter() - t
-            self.stats.add(length, compute, self._send(out, nxt), wait)
+            if command == _FORWARD:
+                cache = self._serve_forward(cache, *fields)
+            else:
+                self._serve_packed(caches, *fields)
+
+    def _fresh_or_continued(self, cache: list[KVCache] | None, offset: int, max_kv: int,
+                            keep: int) -> list[KVCache]:
+        """New caches for this rank's layers when rank 0's start at 0, else `cache`, which must be where
+        rank 0's are."""
+        if offset == 0:
+            return self.stage.make_cache(None if max_kv < 0 else max_kv, keep)
+        if cache and cache[0].offset > offset:
+            rollback(cache, cache[0].offset - offset)  # rank 0 rolled its caches back (a chat edit): follow
+        if not cache or cache[0].offset != offset:
+            raise MlxLlamaError(f"{self.group.who}: out of step with rank 0 (cache at "
+                                f"{cache[0].offset if cache else 0}, rank 0 at {offset})")
+        return cache
+
+    def _serve_forward(self, cache: list[KVCache], batch: int, length: int, last_only: int, offset: int,
+                       max_kv: int, keep: int) -> list[KVCache]:
+        """One `generate_tokens` step (see `PipelineModel.__call__`); returns the sequence's caches."""
+        cache = self._fresh_or_continued(cache, offset, max_kv, keep)
+        h, wait = self._recv((batch, length, self.config.hidden_size), self.stage.compute_dtype, self.group.rank - 1)
+        t = time.perf_counter()
+        out = self.stage.forward_layers(h, cache)
+        if self.stage.plan.last and last_only:
+            out = out[:, -1:, :]  # all the head on rank 0 looks at
+        mx.eval(out, *[a for c in cache for a in c.state[:2]])
+        compute = time.perf_counter() - t
+        self.stats.add(int(length == 1), compute, self._send(out, (self.group.rank + 1) % self.group.size), wait)
+        return cache
+
+    def _serve_packed(self, caches: dict[int, list[KVCache]], tokens: int, n_segments: int, n_dropped: int,
+                      n_rows: int, max_kv: int, keep: int) -> None:
+        """One step of the batched engine (see `PipelineModel.forward_packed`), updating `caches` in place."""
+        g = self.group
+        plan, _ = self._recv((3 * n_segments + n_dropped + n_rows,), mx.int32, g.rank - 1)
+        if not self.stage.plan.last:
+            self._send(plan, g.rank + 1)
+        values = np.array(plan).tolist()
+        ends = 3 * n_segments, 3 * n_segments + n_dropped  # (key, length, offset) per segment | dropped | rows
+        segments_at, dropped, rows = values[: ends[0]], values[ends[0] : ends[1]], values[ends[1] :]
+        for key in dropped:  # sequences rank 0's engine has finished
+            caches.pop(key, None)
+        segments = []
+        for i in range(0, len(segments_at), 3):
+            key, n, offset = segments_at[i : i + 3]
+            caches[key] = self._fresh_or_continued(caches.get(key), offset, max_kv, keep)
+            segments.append((n, caches[key]))
+        h, wait = self._recv((1, tokens, self.config.hidden_size), self.stage.compute_dtype, g.rank - 1)
+        t = time.perf_counter()
+        out = self.stage.forward_packed_layers(h, segments)
+        last = self.stage.plan.last
+        if last:
+            out = out[:, mx.array(rows, dtype=mx.int32)]  # the rows rank 0 samples
+        mx.eval(out, *[c.state[0] for _, cache in segments for c in cache])
+        compute = time.perf_counter() - t
+        # Prompt chunks alone produce no rows: rank 0 then waits for nothing.
+        send = self._send(out, (g.rank + 1) % g.size) if rows or not last else 0.0
+        self.stats.add(tokens if n_rows == tokens else 0, compute, send, wait)
 
     def stop(self, aborted: bool = False) -> None:
-        """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`)."""
+        """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`); once."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.group.size > 1 and not self.broken:  # after a lost connection there is no one to tell
             header = mx.array([_ABORT if aborted else _STOP] + [0] * (_HEADER - 1), dtype=mx.int32)
             self._send(header, 1)
+
+
+# A packed step is cut into micro-batches (up to one per rank) only when each gets this many tokens:
+# below it a step is memory-bound (reading the weights costs what it costs for one row), and every
+# micro-batch would read them again.  $MLX_LLAMA_PIPELINE_MICRO_TOKENS overrides it; 0 never cuts.
+MICRO_BATCH_TOKENS = 32
+
+
+def micro_batch_tokens() -> int:
+    value = os.environ.get("MLX_LLAMA_PIPELINE_MICRO_TOKENS", "").strip()
+    if not value:
+        return MICRO_BATCH_TOKENS
+    if not value.isdigit():
+        raise MlxLlamaError(f"MLX_LLAMA_PIPELINE_MICRO_TOKENS={value!r}: give a number of tokens (0: no micro-batches)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Segments [lo, hi) of a packed step: its tokens [start, start + length), its sampled rows (from 0)."""
+
+    lo: int
+    hi: int
+    start: int
+    length: int
+    rows: list[int]
+
+
+def micro_batches(lengths: Sequence[int], rows: Sequence[int], parts: int, min_tokens: int) -> list[MicroBatch]:
+    """At most `parts` contiguous groups of the segments (of these token `lengths`), each of at least
+    `min_tokens` tokens where it can be, cut where the tokens are most even; one group when `min_tokens` is 0."""
+    total = sum(lengths)
+    k = 1 if min_tokens <= 0 else max(1, min(parts, len(lengths), total // min_tokens))
+    before = list(itertools.accumulate(lengths, initial=0))  # tokens before segment j
+    bounds = [0]
+    for i in range(1, k):
+        target = i * total / k
+        # The cut after the previous one that leaves a segment for each group still to come.
+        bounds.append(min(range(bounds[-1] + 1, len(lengths) - (k - i) + 1), key=lambda j: abs(before[j] - target)))
+    bounds.append(len(lengths))
+    groups = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        start, stop = before[lo], before[hi]
+        groups.append(MicroBatch(lo, hi, start, stop - start, [r - start for r in rows if start <= r < stop]))
+    return groups
 
 
 class PipelineModel:
@@ -150,6 +261,11 @@ class PipelineModel:
         self.pipeline = pipeline
         self.config = pipeline.config
         self.path, self.generation_config = path, generation_config
+        # The batched engine's sequences: key by id() of rank 0's first cache, keys of finished ones.
+        self._keys: dict[int, int] = {}
+        self._next_key = itertools.count()
+        self._dropped: list[int] = []
+        self.micro_batch_tokens = micro_batch_tokens()
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -178,9 +294,80 @@ class PipelineModel:
         mx.eval(h)
         compute = time.perf_counter() - t
         send = p._send(h, 1)
-        logits, wait = p._recv((batch, 1 if last_only else length, self.config.vocab_size), p.logits_dtype, size - 1)
-        p.stats.add(length, compute, send, wait)
+        h, wait = p._recv((batch, 1 if last_only else length, self.config.hidden_size), stage.compute_dtype, size - 1)
+        t = time.perf_counter()
+        logits = stage.logits(h, last_only)
+        mx.eval(logits)
+        p.stats.add(int(length == 1), compute + time.perf_counter() - t, send, wait)
         return logits
+
+    def forward_packed(self, tokens: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
+                       rows: Sequence[int]) -> mx.array:
+        """`Model.forward_packed` through the pipeline: the batched engine's step over several sequences.
+
+        The other ranks keep caches per sequence under a key rank 0 gives each one
+        (its first cache's), and drop them when the engine lets rank 0's go.
+        """
+        p, stage = self.pipeline, self.pipeline.stage
+        h = stage.embed(tokens)
+        # Prompt chunks only: the caches are the result.
+        no_rows = mx.zeros((0, self.config.vocab_size), dtype=self.dtype)
+        if p.group.size == 1:
+            h = stage.forward_packed_layers(h, segments)
+            return stage.logits(h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0] if rows else no_rows
+        compute = send = wait = 0.0
+        groups = micro_batches([n for n, _ in segments], rows, p.group.size, self.micro_batch_tokens)
+        # Each micro-batch goes on as soon as rank 0's layers are done with it, so that rank 1 works
+        # on the first while rank 0 runs the next: to the other ranks, each is a step of its own.
+        for g in groups:
+            c, s = self._send_step(h[:, g.start : g.start + g.length], segments[g.lo : g.hi], g.rows)
+            compute, send = compute + c, send + s
+        received = []
+        for g in groups:
+            if g.rows:  # (the last rank sends nothing back for prompt chunks alone)
+                shape = (1, len(g.rows), self.config.hidden_size)
+                h_rows, w = p._recv(shape, stage.compute_dtype, p.group.size - 1)
+                received.append(h_rows)
+                wait += w
+        if not received:  # the next step may start at once
+            return no_rows
+        t = time.perf_counter()
+        logits = stage.logits(mx.concatenate(received, axis=1), last_only=False)[0]
+        mx.eval(logits)
+        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait)
+        return logits
+
+    def _send_step(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
+                   rows: Sequence[int]) -> tuple[float, float]:
+        """Start a packed step on the other ranks, run rank 0's layers, pass them on: (compute, send) seconds."""
+        p, stage = self.pipeline, self.pipeline.stage
+        keys = [self._key(cache) for _, cache in segments]
+        dropped, self._dropped = self._dropped, []
+        first = segments[0][1][0]
+        max_kv = first.max_size
+        header = mx.array([_PACKED, h.shape[1], len(segments), len(dropped), len(rows),
+                           -1 if max_kv is None else max_kv, getattr(first, "keep", 0)], dtype=mx.int32)
+        plan = [v for key, (n, cache) in zip(keys, segments) for v in (key, n, cache[0].offset)]
+        p._send(header, 1)
+        p._send(mx.array(plan + dropped + list(rows), dtype=mx.int32), 1)
+        t = time.perf_counter()
+        h = stage.forward_packed_layers(h, segments)
+        mx.eval(h, *[c.state[0] for _, cache in segments for c in cache])
+        compute = time.perf_counter() - t
+        return compute, p._send(h, 1)
+
+    def _key(self, cache: Sequence[KVCache]) -> int:
+        """The other ranks' name for the sequence whose caches on rank 0 are `cache`."""
+        first = cache[0]
+        key = self._keys.get(id(first))
+        if key is None:
+            key = self._keys[id(first)] = next(self._next_key)
+            weakref.finalize(first, self._forget, id(first), key)
+        return key
+
+    def _forget(self, cache_id: int, key: int) -> None:
+        del self._keys[cache_id]
+        self._dropped.append(key)  # told to the other ranks with the next step
 
 
 def _exchange_status(group: PipelineGroup, status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -206,18 +393,34 @@ def _exchange_status(group: PipelineGroup, status: dict[str, Any]) -> list[dict[
     return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
 
 
+def share_host_cores(hosts: Sequence[str], rank: int) -> int | None:
+    """Size this rank's thread pools to its share of the cores when other ranks run on its host.
+
+    Each rank's pools would otherwise take every core, and the ranks' threads would preempt
+    one another (and spin) on the same cores.  $MLX_LLAMA_NUM_THREADS, when set, is the
+    user's choice and wins.  Returns the size set, or None when left alone.
+    """
+    from mlx_llama.cli.info import available_cores
+    from mlx_llama.threads import set_threads
+
+    here = hosts.count(hosts[rank])
+    if here == 1 or os.environ.get("MLX_LLAMA_NUM_THREADS"):
+        return None
+    threads = max(1, available_cores() // here)
+    set_threads(threads)
+    return threads
+
+
 def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[Pipeline, OpenedCheckpoint]:
-    """Join the launched group and load this rank's stage; every rank fails, naming the rank, when one cannot."""
+    """Join the launched group, load this rank's stage and take this rank's share of its host's cores;
+    every rank fails, naming the rank, when one cannot load."""
     group = join_group(timeout)
     stage: PipelineStage | None = None
     checkpoint: OpenedCheckpoint | None = None
-    status: dict[str, Any] = {"who": group.who, "error": None, "logits_dtype": None}
+    status: dict[str, Any] = {"who": group.who, "host": socket.gethostname(), "error": None}
     try:
         checkpoint = OpenedCheckpoint.open(model_path)
         stage = load_stage(checkpoint, group.rank, group.size, dtype)
-        if stage.plan.last:
-            probe = stage.logits(mx.zeros((1, 1, stage.config.hidden_size), stage.compute_dtype), True)
-            status["logits_dtype"] = str(probe.dtype).removeprefix("mlx.core.")  # a lazy graph knows its dtype
     except MlxLlamaError as e:
         status["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
     statuses = _exchange_status(group, status)
@@ -226,4 +429,5 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
         first = failed[0]
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
-    return Pipeline(group, stage, getattr(mx, statuses[-1]["logits_dtype"])), checkpoint
+    threads = share_host_cores([s["host"] for s in statuses], group.rank)
+    return Pipeline(group, stage, threads), checkpoint

@@ -1,4 +1,4 @@
-"""One rank's slice of the model: some decoder layers, plus the embedding and/or the output head.
+"""One rank's slice of the model: some decoder layers, plus on rank 0 the embedding and the output head.
 
 The stage's parameters carry the checkpoint's names (layer i stays
 `model.layers.i`, the list is padded with None below the rank's first layer,
@@ -23,8 +23,12 @@ from mlx_llama.interfaces import KVCache
 from mlx_llama.kernels import extension
 from mlx_llama.loader import DTYPES, default_dtype, load_weights_into, read_weights
 from mlx_llama.model.cache import make_cache
-from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits
+from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits, packed_layers
 from mlx_llama.model_dir import ModelDir
+
+# Resident memory of a loaded HF tokenizer per byte of its tokenizer.json: the Llama-3
+# tokenizer (9.1 MB) adds 93 MB to the RSS of the process that loads it, rank 0.
+TOKENIZER_MEMORY_PER_FILE_BYTE = 10
 
 
 class _StageBody(nn.Module):
@@ -32,15 +36,14 @@ class _StageBody(nn.Module):
 
     def __init__(self, cfg: ModelConfig, plan: StagePlan) -> None:
         super().__init__()
-        if plan.first or (plan.last and cfg.tie_word_embeddings):
+        if plan.first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [None] * plan.layers.start + [DecoderLayer(cfg) for _ in plan.layers]
-        if plan.last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = [None] * plan.layers.start + [DecoderLayer(cfg) for _ in plan.layers]
 
 
 class PipelineStage(nn.Module):
-    """Rank `plan.rank`'s layers of the model; `embed` on the first rank, `logits` on the last."""
+    """Rank `plan.rank`'s layers of the model; on rank 0 also `embed` and `logits`."""
 
     def __init__(self, cfg: ModelConfig, plan: StagePlan, dtype: mx.Dtype) -> None:
         super().__init__()
@@ -48,7 +51,7 @@ class PipelineStage(nn.Module):
         self.plan = plan
         self.compute_dtype = dtype
         self.model = _StageBody(cfg, plan)
-        if plan.last and not cfg.tie_word_embeddings:
+        if plan.first and not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tensor_names: list[str] = []  # the checkpoint tensors this rank read
         self.tensor_bytes = 0
@@ -72,6 +75,11 @@ class PipelineStage(nn.Module):
                 h = layer(h, mask, c)
         return h
 
+    def forward_packed_layers(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]]) -> mx.array:
+        """This rank's layers over several sequences packed in `h` (1, N, hidden), as the batched engine runs them."""
+        with extension.resolved():
+            return packed_layers(self.layers, h, segments)
+
     def logits(self, h: mx.array, last_only: bool) -> mx.array:
         with extension.resolved():
             return output_logits(self, h, last_only)
@@ -92,7 +100,9 @@ class OpenedCheckpoint:
 
     def plans(self, size: int) -> list[StagePlan]:
         cfg = self.model_dir.config
-        return plan_stages(self.tensor_bytes, cfg.num_hidden_layers, size, cfg.tie_word_embeddings)
+        tokenizer = self.model_dir.path / "tokenizer.json"
+        tokenizer_memory = TOKENIZER_MEMORY_PER_FILE_BYTE * tokenizer.stat().st_size if tokenizer.is_file() else 0
+        return plan_stages(self.tensor_bytes, cfg.num_hidden_layers, size, cfg.tie_word_embeddings, tokenizer_memory)
 
 
 def load_stage(checkpoint: OpenedCheckpoint, rank: int, size: int, dtype: str | None = None) -> PipelineStage:

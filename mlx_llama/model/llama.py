@@ -180,13 +180,7 @@ class Model(nn.Module):
         treatment of M (see mlx_llama.generation.engine).  `rows` index the N.
         """
         with extension.resolved():
-            h = input_embeddings(self, tokens, self.dtype)
-            spans, start = [], 0
-            for n, cache in segments:
-                spans.append((start, n, cache, cache[0].make_mask(n)))
-                start += n
-            for i, layer in enumerate(self.layers):
-                h = layer.packed(h, [(s, n, cache[i], mask) for s, n, cache, mask in spans])
+            h = packed_layers(self.layers, input_embeddings(self, tokens, self.dtype), segments)
             if not rows:  # prompt chunks only: the caches are the result
                 return mx.zeros((0, self.config.vocab_size), dtype=self.dtype)
             return output_logits(self, h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0]
@@ -215,6 +209,19 @@ def input_embeddings(model: nn.Module, tokens: mx.array, dtype: mx.Dtype) -> mx.
     h = model.model.embed_tokens(tokens)
     # A quantized embedding dequantizes in float32; activations take the compute dtype.
     return h if h.dtype == dtype else h.astype(dtype)
+
+
+def packed_layers(layers: Sequence[DecoderLayer], h: mx.array,
+                  segments: Sequence[tuple[int, Sequence[Any]]]) -> mx.array:
+    """`layers` over several sequences packed along L of `h` (1, N, hidden): segment (L, cache)
+    continues its own per-layer caches (`cache[i]` for `layers[i]`), as `Model.forward_packed` runs them."""
+    spans, start = [], 0
+    for n, cache in segments:
+        spans.append((start, n, cache, cache[0].make_mask(n)))
+        start += n
+    for i, layer in enumerate(layers):
+        h = layer.packed(h, [(s, n, cache[i], mask) for s, n, cache, mask in spans])
+    return h
 
 
 def output_logits(model: nn.Module, h: mx.array, last_only: bool) -> mx.array:
