@@ -250,7 +250,7 @@ def test_prefill_budget_changes_no_logits(qmodel: Model, max_kv_size: int | None
         return Engine(qmodel, EngineConfig(max_batch=8, max_kv_size=max_kv_size, prefill_chunk=CHUNK,
                                            prefill_tokens_per_step=tokens_per_step, gap_target_ms=None))
 
-    reqs = lambda: [request(i, True) for i in range(len(PROMPTS))]  # noqa: E731
+    reqs = lambda: [request(i, "seeded") for i in range(len(PROMPTS))]  # noqa: E731
     small, large = run(engine(CHUNK), reqs()), run(engine(16 * CHUNK), reqs())
     for i in range(len(PROMPTS)):
         np.testing.assert_array_equal(tokens_and_logits(large[i])[1], tokens_and_logits(small[i])[1],

@@ -180,10 +180,14 @@ class Pipeline:
         segments_at, dropped, rows = values[: ends[0]], values[ends[0] : ends[1]], values[ends[1] :]
         for key in dropped:  # sequences rank 0's engine has finished
             caches.pop(key, None)
-        segments = []
+        segments, step_end = [], {}  # a sequence may bring several prompt chunks to one step
         for i in range(0, len(segments_at), 3):
             key, n, offset = segments_at[i : i + 3]
-            caches[key] = self._fresh_or_continued(caches.get(key), offset, max_kv, keep)
+            if key not in step_end:
+                caches[key] = self._fresh_or_continued(caches.get(key), offset, max_kv, keep)
+            elif offset != step_end[key]:
+                raise MlxLlamaError(f"{g.who}: out of step with rank 0 (chunk at {step_end[key]}, rank 0 at {offset})")
+            step_end[key] = offset + n
             segments.append((n, caches[key]))
         h, wait = self._recv((1, tokens, self.config.hidden_size), self.stage.compute_dtype, g.rank - 1)
         t = time.perf_counter()
@@ -347,7 +351,11 @@ class PipelineModel:
         max_kv = first.max_size
         header = mx.array([_PACKED, h.shape[1], len(segments), len(dropped), len(rows),
                            -1 if max_kv is None else max_kv, getattr(first, "keep", 0)], dtype=mx.int32)
-        plan = [v for key, (n, cache) in zip(keys, segments) for v in (key, n, cache[0].offset)]
+        plan, ends = [], {}  # a sequence's second chunk in a step starts where its first ends
+        for key, (n, cache) in zip(keys, segments):
+            offset = ends.get(key, cache[0].offset)
+            plan += [key, n, offset]
+            ends[key] = offset + n
         p._send(header, 1)
         p._send(mx.array(plan + dropped + list(rows), dtype=mx.int32), 1)
         t = time.perf_counter()
