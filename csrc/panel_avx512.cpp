@@ -14,8 +14,9 @@
 #if defined(__x86_64__)
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() operands, which its
-// own -Wmaybe-uninitialized then reports from inside the headers.
+// own -W(maybe-)uninitialized then reports from inside the headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #define TARGET_AVX512 \
@@ -549,23 +550,6 @@ const TileTable& tiles() {
   return t;
 }
 
-// Weight panels per task: when one task covers all M rows, blocks shrink as
-// the work runs out (a 1/(2 * threads) share of the panels left, at least
-// kPanelsPerTask), which keeps the threads finishing together while long
-// blocks keep the prefetch streaming.
-std::vector<int> panel_blocks(int panels, int M, int threads) {
-  std::vector<int> bounds{0};
-  for (int p = 0; p < panels;) {
-    int size = kPanelsPerTask;
-    if (M <= kRowsPerTask) {
-      size = std::max(size, (panels - p) / (2 * threads) / kPanelsPerTask * kPanelsPerTask);
-    }
-    p = std::min(panels, p + size);
-    bounds.push_back(p);
-  }
-  return bounds;
-}
-
 } // namespace
 
 bool panel_kernels_enabled() {
@@ -627,7 +611,8 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
       a.bits == 4 ? direct_tiles<4, false>() : (x16 ? direct_tiles<8, true>() : direct_tiles<8, false>());
   const int64_t D = int64_t(a.K) * a.bits / 32; // words per weight row
   const int panels = ceil_div(a.N, kCols);
-  const std::vector<int> bounds = panel_blocks(panels, a.M, pool.size());
+  // Panels per task, shrinking when one task covers all M rows (shrinking_blocks).
+  const std::vector<int> bounds = shrinking_blocks(panels, kPanelsPerTask, a.M <= kRowsPerTask, pool.size());
   const int nt = static_cast<int>(bounds.size()) - 1;
   const int mt = ceil_div(a.M, kRowsPerTask);
   const int bpg = a.group_size / 32;

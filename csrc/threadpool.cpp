@@ -177,4 +177,17 @@ void ThreadPool::parallel_for(int n_tasks, const Task& fn) {
   }
 }
 
+std::vector<int> shrinking_blocks(int n, int unit, bool shrink, int threads) {
+  std::vector<int> bounds{0};
+  for (int i = 0; i < n;) {
+    int size = unit;
+    if (shrink) {
+      size = std::max(size, (n - i) / (2 * threads) / unit * unit);
+    }
+    i = std::min(n, i + size);
+    bounds.push_back(i);
+  }
+  return bounds;
+}
+
 } // namespace mlx_llama

@@ -72,4 +72,11 @@ class ThreadPool {
 
 int default_num_threads();
 
+// Task boundaries over n items in blocks of `unit` items (the last may be
+// shorter). With `shrink`, blocks shrink as the work runs out: each a
+// 1/(2 * threads) share of the items left, in whole units, at least one
+// unit — long blocks keep a prefetch streaming, short ones at the end keep
+// the threads finishing together.
+std::vector<int> shrinking_blocks(int n, int unit, bool shrink, int threads);
+
 } // namespace mlx_llama
