@@ -74,31 +74,12 @@ struct PanelSet {
   int cols; // output columns in these panels (<= 16 * panels)
 };
 
-// Horizontal reductions of one vector (GCC 12's _mm512_reduce_* trip
-// -Wmaybe-uninitialized inside its own headers).
-TARGET_AVX512 inline __m128 fold_ps(__m512 v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
+// Sum of 16 floats in a fixed order (the group sums' bits depend on it).
 TARGET_AVX512 inline float sum_ps(__m512 v) {
-  __m128 s = fold_ps(v);
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-TARGET_AVX512 inline float max_ps(__m512 v) {
-  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-TARGET_AVX512 inline int32_t sum_epi32(__m512i v) {
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 
 // One block of 32 activations rounded to integers in [-qmax, qmax]:
@@ -106,7 +87,7 @@ TARGET_AVX512 inline int32_t sum_epi32(__m512i v) {
 TARGET_AVX512 inline float quantize_block(const float* p, float qmax, __m512i& q0, __m512i& q1) {
   const __m512 v0 = _mm512_loadu_ps(p);
   const __m512 v1 = _mm512_loadu_ps(p + 16);
-  const float am = max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float am = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
   const __m512 id = _mm512_set1_ps(am > 0.f ? qmax / am : 0.f);
   q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
   q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
@@ -137,7 +118,7 @@ TARGET_AVX512 void quantize_row(
     __m512i q0, q1;
     const float* p = x + b * 32;
     d[b] = quantize_block(p, x16 ? 32767.f : 127.f, q0, q1);
-    ci[b] = -c * sum_epi32(_mm512_add_epi32(q0, q1));
+    ci[b] = -c * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     const float s = sum_ps(_mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)));
     xsum[b / bpg] = b % bpg == 0 ? s : xsum[b / bpg] + s;
     if (x16) {
@@ -256,6 +237,58 @@ inline int32_t word_at(const int8_t* p) {
   return v;
 }
 
+// The steps of the per-element sequence (panel_avx512.h), shared by every
+// tile so that they agree bit for bit.
+//
+// A vector of 16 weight words split as its dot products take it: 4 bits,
+// the low and high nibbles (even and odd k); 8 bits with int16 activations,
+// bytes 0/2 and 1/3 widened to int16; 8 bits with int8 activations, as is.
+struct Word {
+  __m512i a, b;
+};
+
+template <int BITS, bool X16>
+TARGET_AVX512 inline Word split_word(__m512i raw) {
+  if constexpr (BITS == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    return {_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4)};
+  } else if constexpr (X16) {
+    return {_mm512_and_si512(raw, _mm512_set1_epi32(0x00ff00ff)), _mm512_srli_epi16(raw, 8)};
+  } else {
+    return {raw, raw};
+  }
+}
+
+// I + the products of word j of block b with one activation row xr.
+template <int BITS, bool X16>
+TARGET_AVX512 inline __m512i add_word(__m512i I, const Word& w, const int8_t* xr, int b, int j) {
+  if constexpr (BITS == 4) {
+    const int8_t* p = xr + b * 32 + 4 * j;
+    I = _mm512_dpbusd_epi32(I, w.a, _mm512_set1_epi32(word_at(p)));
+    return _mm512_dpbusd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + 16)));
+  } else if constexpr (!X16) {
+    return _mm512_dpbusd_epi32(I, w.a, _mm512_set1_epi32(word_at(xr + b * 32 + 4 * j)));
+  } else {
+    const int8_t* p = xr + b * 64 + 8 * j;
+    I = _mm512_dpwssd_epi32(I, w.a, _mm512_set1_epi32(word_at(p)));
+    return _mm512_dpwssd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + 4)));
+  }
+}
+
+// A block's integer sums I (started at ci) into its group's partial t:
+// t = float(I) d for the group's first block, else t + float(I) d.
+TARGET_AVX512 inline __m512 add_block(__m512 t, __m512i I, float d, bool first) {
+  const __m512 f = _mm512_cvtepi32_ps(I);
+  const __m512 dv = _mm512_set1_ps(d);
+  return first ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t);
+}
+
+// A group's partial t into the output: acc + t s + (b + c s) xsum.
+TARGET_AVX512 inline __m512 add_group(__m512 acc, __m512 t, __m512 s, __m512 bb, float xsum) {
+  acc = _mm512_fmadd_ps(t, s, acc);
+  return _mm512_fmadd_ps(bb, _mm512_set1_ps(xsum), acc);
+}
+
 // R activation rows (m0 ..) x V panels of 16 columns (V * 16 columns; the
 // last panel may have fewer), over all of K. Several panels per call give
 // small R independent accumulator chains (a dpbusd chain is latency-bound
@@ -282,8 +315,6 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
     sv[v] = ps.s + v * ps.panel_params;
     bv[v] = ps.bb + v * ps.panel_params;
   }
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __m512i low8 = _mm512_set1_epi32(0x00ff00ff);
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
@@ -302,35 +333,15 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       }
       for (int j = 0; j < WPB; ++j) {
         for (int v = 0; v < V; ++v) {
-          const __m512i raw = _mm512_loadu_si512(wv[v] + b * WPB + j);
-          if constexpr (BITS == 4) {
-            const __m512i lo = _mm512_and_si512(raw, low4);
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-            for (int r = 0; r < R; ++r) {
-              const int8_t* p = xr[r] + b * 32 + 4 * j;
-              I[r][v] = _mm512_dpbusd_epi32(I[r][v], lo, _mm512_set1_epi32(word_at(p)));
-              I[r][v] = _mm512_dpbusd_epi32(I[r][v], hi, _mm512_set1_epi32(word_at(p + 16)));
-            }
-          } else if constexpr (!X16) {
-            for (int r = 0; r < R; ++r) {
-              I[r][v] = _mm512_dpbusd_epi32(I[r][v], raw, _mm512_set1_epi32(word_at(xr[r] + b * 32 + 4 * j)));
-            }
-          } else {
-            const __m512i even = _mm512_and_si512(raw, low8);
-            const __m512i odd = _mm512_srli_epi16(raw, 8);
-            for (int r = 0; r < R; ++r) {
-              const int8_t* p = xr[r] + b * 64 + 8 * j;
-              I[r][v] = _mm512_dpwssd_epi32(I[r][v], even, _mm512_set1_epi32(word_at(p)));
-              I[r][v] = _mm512_dpwssd_epi32(I[r][v], odd, _mm512_set1_epi32(word_at(p + 4)));
-            }
+          const Word w = split_word<BITS, X16>(_mm512_loadu_si512(wv[v] + b * WPB + j));
+          for (int r = 0; r < R; ++r) {
+            I[r][v] = add_word<BITS, X16>(I[r][v], w, xr[r], b, j);
           }
         }
       }
       for (int r = 0; r < R; ++r) {
-        const __m512 dv = _mm512_set1_ps(dr[r][b]);
         for (int v = 0; v < V; ++v) {
-          const __m512 f = _mm512_cvtepi32_ps(I[r][v]);
-          t[r][v] = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t[r][v]);
+          t[r][v] = add_block(t[r][v], I[r][v], dr[r][b], bi == 0);
         }
       }
     }
@@ -338,8 +349,7 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       const __m512 s = _mm512_load_ps(sv[v] + g * kCols);
       const __m512 bb = _mm512_load_ps(bv[v] + g * kCols);
       for (int r = 0; r < R; ++r) {
-        acc[r][v] = _mm512_fmadd_ps(t[r][v], s, acc[r][v]);
-        acc[r][v] = _mm512_fmadd_ps(bb, _mm512_set1_ps(sr[r][g]), acc[r][v]);
+        acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sr[r][g]);
       }
     }
   }
@@ -362,8 +372,6 @@ TARGET_AVX512 void direct_tile(
     const Acts& x, const uint32_t* w, int64_t D, int rows, const float* ps, const float* pbb, int bpg,
     float* y, int64_t ldy, const char* next) {
   constexpr int WPB = BITS == 4 ? 4 : 8;
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __m512i low8 = _mm512_set1_epi32(0x00ff00ff);
   __m512 acc[R], t[R];
   for (int r = 0; r < R; ++r) {
     acc[r] = _mm512_setzero_ps();
@@ -390,35 +398,20 @@ TARGET_AVX512 void direct_tile(
       }
 #pragma GCC unroll 8
       for (int j = 0; j < WPB; ++j) {
-        const __m512i raw = v[lb * WPB + j];
+        const Word w = split_word<BITS, X16>(v[lb * WPB + j]);
         for (int r = 0; r < R; ++r) {
-          const int8_t* xr = x.xq + int64_t(r) * x.xq_stride;
-          if constexpr (BITS == 4) {
-            const int8_t* p = xr + b * 32 + 4 * j;
-            I[r] = _mm512_dpbusd_epi32(I[r], _mm512_and_si512(raw, low4), _mm512_set1_epi32(word_at(p)));
-            I[r] = _mm512_dpbusd_epi32(
-                I[r], _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_set1_epi32(word_at(p + 16)));
-          } else if constexpr (!X16) {
-            I[r] = _mm512_dpbusd_epi32(I[r], raw, _mm512_set1_epi32(word_at(xr + b * 32 + 4 * j)));
-          } else {
-            const int8_t* p = xr + b * 64 + 8 * j;
-            I[r] = _mm512_dpwssd_epi32(I[r], _mm512_and_si512(raw, low8), _mm512_set1_epi32(word_at(p)));
-            I[r] = _mm512_dpwssd_epi32(I[r], _mm512_srli_epi16(raw, 8), _mm512_set1_epi32(word_at(p + 4)));
-          }
+          I[r] = add_word<BITS, X16>(I[r], w, x.xq + int64_t(r) * x.xq_stride, b, j);
         }
       }
       const int bi = b % bpg, g = b / bpg;
       for (int r = 0; r < R; ++r) {
-        const __m512 f = _mm512_cvtepi32_ps(I[r]);
-        const __m512 dv = _mm512_set1_ps(x.d[int64_t(r) * x.nb + b]);
-        t[r] = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t[r]);
+        t[r] = add_block(t[r], I[r], x.d[int64_t(r) * x.nb + b], bi == 0);
       }
       if (bi == bpg - 1) {
         const __m512 sv = _mm512_load_ps(ps + g * kCols);
         const __m512 bb = _mm512_load_ps(pbb + g * kCols);
         for (int r = 0; r < R; ++r) {
-          acc[r] = _mm512_fmadd_ps(t[r], sv, acc[r]);
-          acc[r] = _mm512_fmadd_ps(bb, _mm512_set1_ps(x.xsum[int64_t(r) * x.G + g]), acc[r]);
+          acc[r] = add_group(acc[r], t[r], sv, bb, x.xsum[int64_t(r) * x.G + g]);
         }
       }
     }
@@ -462,7 +455,6 @@ template <int BITS>
 TARGET_AVX512 void row_tile(
     const Acts& x, const uint32_t* w, int64_t D, int rows, const float* ps, const float* pbb, int bpg,
     float* y, int64_t, const char* next) {
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
   __m512 acc = _mm512_setzero_ps(), t = _mm512_setzero_ps();
   for (int64_t j0 = 0; j0 < D; j0 += 16) {
     const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
@@ -474,9 +466,8 @@ TARGET_AVX512 void row_tile(
       for (int i = 0; i < 16; ++i) {
         const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
         _mm_prefetch(next + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
-        P[i] = _mm512_dpbusd_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xe),
-            _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xo);
+        const Word nib = split_word<4, false>(v);
+        P[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), nib.a, xe), nib.b, xo);
       }
     } else {
       const __m512i xv = _mm512_loadu_si512(x.xq + j0 * 4);
@@ -498,13 +489,10 @@ TARGET_AVX512 void row_tile(
       } else {
         sum = _mm512_add_epi32(quads[2 * lb], quads[2 * lb + 1]);
       }
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(sum, _mm512_set1_epi32(x.ci[b])));
-      const __m512 dv = _mm512_set1_ps(x.d[b]);
       const int bi = b % bpg, g = b / bpg;
-      t = bi == 0 ? _mm512_mul_ps(f, dv) : _mm512_fmadd_ps(f, dv, t);
+      t = add_block(t, _mm512_add_epi32(sum, _mm512_set1_epi32(x.ci[b])), x.d[b], bi == 0);
       if (bi == bpg - 1) {
-        acc = _mm512_fmadd_ps(t, _mm512_load_ps(ps + g * kCols), acc);
-        acc = _mm512_fmadd_ps(_mm512_load_ps(pbb + g * kCols), _mm512_set1_ps(x.xsum[g]), acc);
+        acc = add_group(acc, t, _mm512_load_ps(ps + g * kCols), _mm512_load_ps(pbb + g * kCols), x.xsum[g]);
       }
     }
   }
@@ -638,22 +626,6 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     uint32_t* pw = align64(sp.w.data());
     float* s_p = align64(sp.params.data());
     float* bb_p = s_p + panel_params * kMaxPanels;
-    // Activation rows [m0, m1) x the np panels at w (packed), columns from n0.
-    auto run_tiles = [&](const uint32_t* w, int np, int n0, int m0, int m1) {
-      const int cols = std::min(np * kCols, a.N - n0);
-      for (int m = m0; m < m1; m += kMaxRows) {
-        const int r = std::min(kMaxRows, m1 - m);
-        const int V = panels_for_rows(r);
-        for (int v = 0; v < np;) {
-          const PanelSet set{
-              w + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
-              panel_words, panel_params, cols - v * kCols};
-          const bool wide = v + V <= np;
-          (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
-          v += wide ? V : 1;
-        }
-      }
-    };
     // Scales and biases of the np panels from n0 into the cache, ahead of
     // pack_params (each panel would otherwise start with a memory stall).
     const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
@@ -695,7 +667,18 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
             std::max<int64_t>(0, next_n) * D * 4 / np);
         pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
       }
-      run_tiles(pw, np, n0, m0, m1);
+      for (int m = m0; m < m1; m += kMaxRows) {
+        const int r = std::min(kMaxRows, m1 - m);
+        const int V = panels_for_rows(r);
+        for (int v = 0; v < np;) {
+          const PanelSet set{
+              pw + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
+              panel_words, panel_params, cols - v * kCols};
+          const bool wide = v + V <= np;
+          (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
+          v += wide ? V : 1;
+        }
+      }
     }
   });
 }
