@@ -15,6 +15,7 @@
 #define MLXL_X86 1
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#include "hsum_avx2.h"
 #endif
 
 namespace mlx_llama {
@@ -79,13 +80,7 @@ TARGET_AVX2 inline void dots_avx2(const float* q, int64_t q_stride, const float*
     }
   }
   for (int i = 0; i < NH; ++i) {
-    // hsum256 of kernels.cpp: (lo + hi), then pairs, then the two pair sums.
-    const __m256 v = _mm256_add_ps(a0[i], a1[i]);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sh = _mm_movehdup_ps(lo);
-    __m128 sm = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, sm);
-    out[i] = _mm_cvtss_f32(_mm_add_ss(sm, sh));
+    out[i] = hsum256(_mm256_add_ps(a0[i], a1[i]));
   }
 }
 

@@ -31,6 +31,7 @@
 #define MLXL_X86 1
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include "hsum_avx2.h"
 #endif
 
 #if defined(__aarch64__)
@@ -209,17 +210,6 @@ float dot_neon(const float* a, const float* b, int n) {
 #endif
 
 #ifdef MLXL_X86
-TARGET_AVX2 inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  s = _mm_add_ss(s, sh);
-  return _mm_cvtss_f32(s);
-}
-
 TARGET_AVX2 float dot_avx2(const float* a, const float* b, int n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int i = 0;
