@@ -195,38 +195,50 @@ TARGET_AVX512 void pack_words(
   }
 }
 
-// n <= 16 scales or biases of one row from element i, widened to float32.
-TARGET_AVX512 inline __m512 load_params(const void* p, ScaleType st, int64_t i, int n) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-  if (st == ScaleType::F32) {
-    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
-  }
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+// Group g of a vector of transposed 32-bit words of 16-bit values (two
+// groups per word: g even in the low half) as float32 (exact).
+TARGET_AVX512 inline __m512 widen_group(__m512i words, int g, ScaleType st) {
   if (st == ScaleType::BF16) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_castsi512_ps(
+        g % 2 == 0 ? _mm512_slli_epi32(words, 16) : _mm512_and_si512(words, _mm512_set1_epi32(int(0xffff0000u))));
   }
-  return _mm512_cvtph_ps(h);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g % 2 == 0 ? words : _mm512_srli_epi32(words, 16)));
 }
 
-// Scales and b + c * s of 16 rows, group-major: ps[g * 16 + col].
+// Scales and b + c * s of 16 rows, group-major: ps[g * 16 + col]. One
+// 16 x 16 transpose of 32-bit words takes 16 groups of float32 parameters,
+// or 32 of 16-bit ones (two per word, widened after the transpose: half the
+// shuffles of widening first, 3-7% faster 1-thread GEMV, paired runs).
 TARGET_AVX512 void pack_params(
     const QMatmulArgs& a, int n0, int rows, float* ps, float* pbb) {
   const int G = a.K / a.group_size;
   const __m512 c = _mm512_set1_ps(static_cast<float>(1 << (a.bits - 1)));
-  for (int g0 = 0; g0 < G; g0 += 16) {
-    const int ng = std::min(16, G - g0);
+  const bool f32 = a.stype == ScaleType::F32;
+  const int per = f32 ? 16 : 32; // groups per 64 bytes
+  for (int g0 = 0; g0 < G; g0 += per) {
+    const int ng = std::min(per, G - g0);
     __m512i s[16], b[16];
     for (int i = 0; i < 16; ++i) {
       const int64_t e = int64_t(n0 + i) * G + g0;
-      s[i] = i < rows ? _mm512_castps_si512(load_params(a.scales, a.stype, e, ng)) : _mm512_setzero_si512();
-      b[i] = i < rows ? _mm512_castps_si512(load_params(a.biases, a.stype, e, ng)) : _mm512_setzero_si512();
+      if (i >= rows) {
+        s[i] = b[i] = _mm512_setzero_si512();
+      } else if (f32) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << ng) - 1);
+        s[i] = _mm512_maskz_loadu_epi32(mask, static_cast<const float*>(a.scales) + e);
+        b[i] = _mm512_maskz_loadu_epi32(mask, static_cast<const float*>(a.biases) + e);
+      } else {
+        const __mmask32 mask = ng == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << ng) - 1);
+        s[i] = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(a.scales) + e);
+        b[i] = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(a.biases) + e);
+      }
     }
     transpose16(s);
     transpose16(b);
     for (int g = 0; g < ng; ++g) {
-      const __m512 sv = _mm512_castsi512_ps(s[g]);
+      const __m512 sv = f32 ? _mm512_castsi512_ps(s[g]) : widen_group(s[g / 2], g, a.stype);
+      const __m512 bv = f32 ? _mm512_castsi512_ps(b[g]) : widen_group(b[g / 2], g, a.stype);
       _mm512_store_ps(ps + (g0 + g) * kCols, sv);
-      _mm512_store_ps(pbb + (g0 + g) * kCols, _mm512_fmadd_ps(sv, c, _mm512_castsi512_ps(b[g])));
+      _mm512_store_ps(pbb + (g0 + g) * kCols, _mm512_fmadd_ps(sv, c, bv));
     }
   }
 }
