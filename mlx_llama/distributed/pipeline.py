@@ -19,9 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import socket
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -33,10 +31,12 @@ import numpy as np
 
 from mlx_llama.config import ModelConfig
 from mlx_llama.distributed.group import PipelineGroup, join_group
+from mlx_llama.distributed.memory import peak_rss_bytes, release_freed_heap
 from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_stage
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.prompt_cache import rollback
-from mlx_llama.interfaces import KVCache
+from mlx_llama.interfaces import KVCache, TokenizerLike
+from mlx_llama.tokenizer import Tokenizer
 
 _STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
 # _FORWARD: command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep.
@@ -68,12 +68,6 @@ class CommStats:
                 f"waiting for peers {1e3 * self.wait_s / n:.2f} ms ({self.tokens} tokens)")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 @dataclass
 class Pipeline:
     """This rank's part of a pipeline: its group, its stage and its communication statistics."""
@@ -81,6 +75,7 @@ class Pipeline:
     group: PipelineGroup
     stage: PipelineStage
     threads: int | None = None  # the thread pools' size when this rank set it to its share of the host
+    loaded_rss: int = 0  # the peak RSS once this rank's stage was loaded, before any step ran
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
     stopped: bool = False  # rank 0 told the others to finish
@@ -115,7 +110,8 @@ class Pipeline:
         layers = self.stage.plan.layers
         threads = f", {self.threads}-thread pools" if self.threads else ""
         return (f"{self.group.who}: layers {layers.start}-{layers.stop - 1} ({len(self.stage.tensor_names)} tensors, "
-                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
+                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB "
+                f"({self.loaded_rss / 1e9:.3f} GB once loaded), "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
     def serve(self, wait_idle: bool = False) -> None:
@@ -419,15 +415,23 @@ def share_host_cores(hosts: Sequence[str], rank: int) -> int | None:
     return threads
 
 
-def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[Pipeline, OpenedCheckpoint]:
-    """Join the launched group, load this rank's stage and take this rank's share of its host's cores;
-    every rank fails, naming the rank, when one cannot load."""
+def start_pipeline(model_path: str, dtype: str | None,
+                   timeout: float) -> tuple[Pipeline, OpenedCheckpoint, TokenizerLike | None]:
+    """Join the launched group, load this rank's stage (and on rank 0 the tokenizer, None when the
+    directory has none) and take this rank's share of its host's cores; every rank fails, naming the
+    rank, when one cannot load."""
     group = join_group(timeout)
     stage: PipelineStage | None = None
     checkpoint: OpenedCheckpoint | None = None
+    tokenizer: TokenizerLike | None = None
     status: dict[str, Any] = {"who": group.who, "host": socket.gethostname(), "error": None}
     try:
         checkpoint = OpenedCheckpoint.open(model_path)
+        if group.rank == 0:
+            # Before the weights, so that what parsing it leaves freed goes back instead of adding to the peak.
+            model_dir = checkpoint.model_dir
+            tokenizer = Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
+            release_freed_heap()
         stage = load_stage(checkpoint, group.rank, group.size, dtype)
     except MlxLlamaError as e:
         status["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -438,4 +442,4 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
     threads = share_host_cores([s["host"] for s in statuses], group.rank)
-    return Pipeline(group, stage, threads), checkpoint
+    return Pipeline(group, stage, threads, peak_rss_bytes()), checkpoint, tokenizer
