@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -409,6 +410,19 @@ def test_a_rank_without_the_model_dir_is_named_by_every_rank(four_layers: Path, 
         assert p.returncode == 1
         line = _last_error_line(stderr)
         assert line.startswith("Error: rank 1 (") and "not-here" in line and "not found" in line
+
+
+def test_a_broken_tokenizer_on_rank_0_is_named_by_every_rank(four_layers: Path, tmp_path: Path) -> None:
+    # Rank 0 loads its tokenizer with its layers: a failure there ends every rank before any step.
+    model = tmp_path / "model"
+    shutil.copytree(four_layers, model)
+    (model / "tokenizer.json").write_text("{not json")
+    procs = _start_ranks([_generate_args(model), _generate_args(model)], tmp_path)
+    for p in procs:
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 1
+        line = _last_error_line(stderr)
+        assert line.startswith("Error: rank 0 (") and "tokenizer.json" in line
 
 
 def test_an_error_on_rank_0_ends_the_other_ranks(four_layers: Path, tmp_path: Path) -> None:
