@@ -9,9 +9,12 @@ Ranks on one host size their thread pools to their share of its cores;
 `--all-cores` adds a third peer to each round, the pipeline with every core per
 rank ($MLX_LLAMA_NUM_THREADS set), to measure what the sharing buys.
 `--batch N` adds batch mode (`generate --prompts-file`, N prompts decoded together
-on the batched engine) in one process and on the pipeline: aggregate tok/s; the
-pipeline runs with its micro-batches (default), without (0) and with steps of 8
-rows cut too ($MLX_LLAMA_PIPELINE_MICRO_TOKENS=4).
+on the batched engine) in one process and on the pipeline: aggregate tok/s and,
+per rank, the share of the decode time it computed (the rest: waiting for the
+other rank, at step boundaries too); the pipeline runs with its micro-batches
+(default: prompt chunks cut), without (0) and with the N-row decode steps cut too
+($MLX_LLAMA_PIPELINE_MICRO_TOKENS=4).
+Per rank it also prints the bytes of tensors read, the RSS once loaded and the peak.
 
     python benchmarks/pipeline.py                          # llama-3.2-1b 4-bit, p128 g32, 2 rounds
     python benchmarks/pipeline.py --preset llama-3.2-3b --rounds 3 --all-cores --batch 8
@@ -42,8 +45,9 @@ from throughput import log, prepare_hf, prepare_mlx  # noqa: E402  (the checkpoi
 BIN = Path(sys.executable).parent
 _STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generation: (\d+) tokens, ([\d.]+) tok/s")
 _BATCH = re.compile(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)")
-_RANK = re.compile(r"rank (\d+) \(.*?\): layers (\d+)-(\d+) .*?peak RSS ([\d.]+) GB.*?per token: compute ([\d.]+) ms, "
-                   r"send ([\d.]+) ms, waiting for peers ([\d.]+) ms")
+_RANK = re.compile(r"rank (\d+) \(.*?\): layers (\d+)-(\d+) \(\d+ tensors, ([\d.]+) MB read.*?peak RSS ([\d.]+) GB "
+                   r"\(([\d.]+) GB once loaded\).*?per token: compute ([\d.]+) ms, send ([\d.]+) ms, "
+                   r"waiting for peers ([\d.]+) ms, between steps ([\d.]+) ms")
 
 
 def _free_port() -> int:
@@ -70,20 +74,35 @@ def run_single(generate: list[str]) -> dict[str, Any]:
     return {**_speeds(stderr), "peak_rss_gb": [rss / 1e9]}
 
 
+def _ranks(stderr: str) -> list[dict[str, Any]]:
+    """Each rank's `-v` line: its layers, memory and per-token time; `busy`: the share of its decode
+    time it computed (rank 0's work between steps, sampling, counts as busy; the others idle then)."""
+    ranks = sorted((int(m.group(1)), m) for m in _RANK.finditer(stderr))
+    if len(ranks) != 2:
+        raise SystemExit(f"no per-rank statistics in the output:\n{stderr}")
+    per_rank = []
+    for rank, m in ranks:
+        compute, send, wait, between = (float(m.group(i)) for i in range(7, 11))
+        busy = compute + (between if rank == 0 else 0.0)
+        per_rank.append({"layers": f"{m.group(2)}-{m.group(3)}", "tensors_gb": float(m.group(4)) / 1e3,
+                         "peak_rss_gb": float(m.group(5)), "loaded_rss_gb": float(m.group(6)),
+                         "compute_ms": compute, "send_ms": send, "wait_ms": wait, "between_ms": between,
+                         "busy": busy / max(compute + send + wait + between, 1e-9)})
+    return per_rank
+
+
+def _launch(port: int) -> list[str]:
+    return [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--"]
+
+
 def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, Any]:
     """Two local ranks; `threads`: each rank's thread pools (None: the ranks' share of the cores)."""
-    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
-           str(BIN / "mlx-llama"), *generate, "--pipeline"]
+    cmd = [*_launch(_free_port()), str(BIN / "mlx-llama"), *generate, "--pipeline"]
     env = {**os.environ, "MLX_LLAMA_NUM_THREADS": str(threads)} if threads else None
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"pipeline failed:\n{run.stderr}")
-    ranks = sorted((int(m.group(1)), m) for m in _RANK.finditer(run.stderr))
-    if len(ranks) != 2:
-        raise SystemExit(f"no per-rank statistics in the output:\n{run.stderr}")
-    per_rank = [{"layers": f"{m.group(2)}-{m.group(3)}", "peak_rss_gb": float(m.group(4)),
-                 "compute_ms": float(m.group(5)), "send_ms": float(m.group(6)), "wait_ms": float(m.group(7))}
-                for _, m in ranks]
+    per_rank = _ranks(run.stderr)
     # Rank 0 waits for the logits while rank 1 computes: what it waits beyond that is the two hops.
     hop_ms = per_rank[0]["wait_ms"] - per_rank[1]["compute_ms"]
     return {**_speeds(run.stderr), "peak_rss_gb": [r["peak_rss_gb"] for r in per_rank], "ranks": per_rank,
@@ -91,18 +110,19 @@ def run_pipeline(generate: list[str], threads: int | None = None) -> dict[str, A
 
 
 def run_batch(generate: list[str], pipeline: bool, micro_tokens: int | None = None) -> dict[str, Any]:
-    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s.
-    `micro_tokens`: $MLX_LLAMA_PIPELINE_MICRO_TOKENS for the pipeline (None: its default)."""
-    launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--"]
+    """Batch mode (`generate` given --prompts-file), in one process or on two local ranks: aggregate tok/s
+    (and on the pipeline each rank's figures).  `micro_tokens`: $MLX_LLAMA_PIPELINE_MICRO_TOKENS for the
+    pipeline (None: its default)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*(launch if pipeline else []), str(BIN / "mlx-llama"), *generate, "-o", f"{tmp}/out.json",
-               *(["--pipeline"] if pipeline else [])]
+        cmd = [*(_launch(_free_port()) if pipeline else []), str(BIN / "mlx-llama"), *generate, "-o", f"{tmp}/out.json",
+               *(["--pipeline", "-v"] if pipeline else [])]
         env = None if micro_tokens is None else {**os.environ, "MLX_LLAMA_PIPELINE_MICRO_TOKENS": str(micro_tokens)}
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     m = _BATCH.search(run.stderr)
     if run.returncode != 0 or not m:
         raise SystemExit(f"batch mode failed:\n{run.stderr}")
-    return {"batch_tps": float(m.group(3)), "batch_tokens": int(m.group(1))}
+    return {"batch_tps": float(m.group(3)), "batch_tokens": int(m.group(1)),
+            **({"ranks": _ranks(run.stderr)} if pipeline else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         return [statistics.median(x["peak_rss_gb"][i] for x in results[name])
                 for i in range(len(results[name][0]["peak_rss_gb"]))]
 
+    def rank_med(name: str, rank: int, key: str) -> float:
+        return statistics.median(x["ranks"][rank][key] for x in results[name])
+
+    def describe_ranks(name: str) -> str:
+        return "; ".join(
+            f"rank {i} busy {100 * rank_med(name, i, 'busy'):.0f}% (per token: compute "
+            f"{rank_med(name, i, 'compute_ms'):.2f}, send {rank_med(name, i, 'send_ms'):.2f}, waiting "
+            f"{rank_med(name, i, 'wait_ms'):.2f}, between steps {rank_med(name, i, 'between_ms'):.2f} ms)"
+            for i in range(2))
+
     single_rss = rss("single")[0]
     print(f"{args.preset} {args.bits}-bit, prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
           f"{args.rounds} interleaved rounds (medians)")
@@ -161,21 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline / single: prefill {med('pipeline', 'prefill_tps') / med('single', 'prefill_tps'):.2f}x, "
           f"decode {med('pipeline', 'decode_tps') / med('single', 'decode_tps'):.2f}x, "
           "peak RSS per rank " + " / ".join(f"{x / single_rss:.2f}x" for x in rss("pipeline")) + " (target ≤ 0.60x)")
+    for i, r in enumerate(results["pipeline"][-1]["ranks"]):
+        print(f"  rank {i}, layers {r['layers']}: tensors read {rank_med('pipeline', i, 'tensors_gb'):.3f} GB, "
+              f"RSS once loaded {rank_med('pipeline', i, 'loaded_rss_gb'):.3f} GB, "
+              f"peak {rank_med('pipeline', i, 'peak_rss_gb'):.3f} GB")
     if args.batch:
         single, piped = med("batch single", "batch_tps"), med("batch pipeline", "batch_tps")
         print(f"batch mode, {args.batch} prompts of ~{args.prompt_tokens} tokens, {args.gen_tokens} generated: "
               f"single {single:.2f} tok/s, pipeline {piped:.2f} tok/s ({piped / single:.2f}x); pipeline without "
-              f"micro-batches {med('batch no micro', 'batch_tps'):.2f} tok/s, with 8-row steps cut too "
+              f"micro-batches {med('batch no micro', 'batch_tps'):.2f} tok/s, with {args.batch}-row steps cut too "
               f"{med('batch micro 4', 'batch_tps'):.2f} tok/s")
+        for name in ("batch pipeline", "batch no micro", "batch micro 4"):
+            print(f"  {name}, decode steps: {describe_ranks(name)}")
     if args.all_cores:
         print(f"pipeline with {cores // 2} / {cores} threads per rank: prefill "
               f"{med('pipeline', 'prefill_tps') / med('all-cores', 'prefill_tps'):.2f}x, "
               f"decode {med('pipeline', 'decode_tps') / med('all-cores', 'decode_tps'):.2f}x")
     print(f"communication per token (two hops + sends): {med('pipeline', 'comm_ms_per_token'):.2f} ms; "
           "layers per rank: " + ", ".join(r["layers"] for r in results["pipeline"][-1]["ranks"]))
-    for r in results["pipeline"][-1]["ranks"]:
-        print(f"  rank layers {r['layers']}: compute {r['compute_ms']:.2f} ms, send {r['send_ms']:.2f} ms, "
-              f"waiting {r['wait_ms']:.2f} ms per token")
+    print(f"  single stream: {describe_ranks('pipeline')}")
     return 0
 
 

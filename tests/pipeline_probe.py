@@ -74,7 +74,7 @@ def main() -> None:
         from mlx_llama.distributed.pipeline import PipelineModel, start_pipeline
 
         before = _rchar()
-        pipe, checkpoint = start_pipeline(model_dir, None, timeout=60)
+        pipe, checkpoint, _ = start_pipeline(model_dir, None, timeout=60)
         read = _rchar() - before
         with open(f"{out}.rank{pipe.group.rank}.json", "w") as f:
             json.dump({"tensors": pipe.stage.tensor_names, "bytes_read": read,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 from mlx_llama.cli.info import available_cores
 from mlx_llama.distributed.partition import plan_stages, split_layers
 from mlx_llama.distributed.pipeline import micro_batches, share_host_cores
+from mlx_llama.distributed.stage import LAYER_BY_LAYER_TOKENS
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.threads import thread_pools
 
@@ -114,17 +116,18 @@ def four_layers(make_checkpoint: Callable[..., Path]) -> Path:
     return make_checkpoint(num_hidden_layers=4, tie_word_embeddings=False)
 
 
-def _probe(model: Path, out: Path, max_kv: int, mode: str, *extra: str) -> dict[str, np.ndarray]:
-    args = [sys.executable, str(PROBE), str(model), str(out), PROMPT, "12", str(max_kv), "3", mode, *extra]
+def _probe(model: Path, out: Path, max_kv: int, mode: str, *extra: str, prompt: str = PROMPT,
+           chunk: int = 3) -> dict[str, np.ndarray]:
+    args = [sys.executable, str(PROBE), str(model), str(out), prompt, "12", str(max_kv), str(chunk), mode, *extra]
     run = _launch(args) if mode == "pipeline" else subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     with np.load(f"{out}.npz") as f:
         return dict(f)
 
 
-def _assert_same_run(model: Path, tmp_path: Path, max_kv: int, *extra: str) -> None:
-    single = _probe(model, tmp_path / "single", max_kv, "single", *extra)
-    piped = _probe(model, tmp_path / "pipe", max_kv, "pipeline", *extra)
+def _assert_same_run(model: Path, tmp_path: Path, max_kv: int, *extra: str, **prompt: Any) -> None:
+    single = _probe(model, tmp_path / "single", max_kv, "single", *extra, **prompt)
+    piped = _probe(model, tmp_path / "pipe", max_kv, "pipeline", *extra, **prompt)
     assert single.keys() == piped.keys()
     for key in single:
         np.testing.assert_array_equal(single[key], piped[key], err_msg=key)  # bit-identical
@@ -140,6 +143,18 @@ def test_the_batched_engine_on_two_ranks_gives_the_single_process_ids_and_logits
         four_layers: Path, tmp_path: Path, max_kv: int) -> None:
     # 4 prompts, 3 slots, prefill chunks of 3: sequences join, prefill beside decoding ones, and leave.
     _assert_same_run(four_layers, tmp_path, max_kv, "engine")
+
+
+@pytest.mark.parametrize("max_kv, engine", [(-1, []), (6, []), (-1, ["engine"])],
+                         ids=["growing", "rotating", "engine"])
+def test_long_prompt_chunks_run_layer_by_layer_and_change_no_bit(
+        make_quantized_dir: Callable[..., Path], tmp_path: Path, max_kv: int, engine: list[str]) -> None:
+    # Chunks of LAYER_BY_LAYER_TOKENS: every rank evaluates them one layer at a time, the single process at once.
+    # Quantized weights: our kernels give the same bits at any thread count, OpenBLAS's float32 matmuls
+    # over the engine's steps of 16+ rows do not, and the ranks sharing this host run half the threads.
+    prompt = ",".join(str(3 + 7 * i % 250) for i in range(2 * LAYER_BY_LAYER_TOKENS + 5))
+    _assert_same_run(make_quantized_dir(4, 32), tmp_path, max_kv, *engine, prompt=prompt,
+                     chunk=LAYER_BY_LAYER_TOKENS)
 
 
 def test_micro_batches_cut_a_step_into_even_contiguous_groups() -> None:
@@ -201,6 +216,7 @@ def test_generate_pipeline_prints_the_single_process_tokens(four_layers: Path) -
     assert piped.stdout.split() == single.stdout.split()  # rank 0 alone prints
     for rank in (0, 1):
         assert f"rank {rank} (" in piped.stderr and "per token: compute" in piped.stderr
+    assert piped.stderr.count(" GB once loaded), ") == 2 and piped.stderr.count(" ms, between steps ") == 2
     # Both ranks on this host: each sizes its thread pools to half the cores.
     assert piped.stderr.count(f", {max(1, available_cores() // 2)}-thread pools)") == 2
 
@@ -394,6 +410,19 @@ def test_a_rank_without_the_model_dir_is_named_by_every_rank(four_layers: Path, 
         assert p.returncode == 1
         line = _last_error_line(stderr)
         assert line.startswith("Error: rank 1 (") and "not-here" in line and "not found" in line
+
+
+def test_a_broken_tokenizer_on_rank_0_is_named_by_every_rank(four_layers: Path, tmp_path: Path) -> None:
+    # Rank 0 loads its tokenizer with its layers: a failure there ends every rank before any step.
+    model = tmp_path / "model"
+    shutil.copytree(four_layers, model)
+    (model / "tokenizer.json").write_text("{not json")
+    procs = _start_ranks([_generate_args(model), _generate_args(model)], tmp_path)
+    for p in procs:
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 1
+        line = _last_error_line(stderr)
+        assert line.startswith("Error: rank 0 (") and "tokenizer.json" in line
 
 
 def test_an_error_on_rank_0_ends_the_other_ranks(four_layers: Path, tmp_path: Path) -> None:

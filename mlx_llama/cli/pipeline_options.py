@@ -27,9 +27,8 @@ def join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: b
     `wait_idle`: the other ranks wait for rank 0 without a time limit between steps (chat, serve).
     """
     from mlx_llama.distributed.pipeline import PipelineModel, start_pipeline
-    from mlx_llama.tokenizer import Tokenizer
 
-    pipe, checkpoint = start_pipeline(model_path, dtype, timeout)
+    pipe, checkpoint, tokenizer = start_pipeline(model_path, dtype, timeout)
     report = (lambda: click.echo(pipe.describe(), err=True)) if verbose else (lambda: None)
     if pipe.group.rank > 0:
         pipe.serve(wait_idle)
@@ -42,4 +41,4 @@ def join_pipeline(model_path: str, dtype: str | None, timeout: float, verbose: b
     ctx.call_on_close(lambda: pipe.stop(aborted=sys.exc_info()[0] is not None))
     model_dir = checkpoint.model_dir
     model = PipelineModel(pipe, model_dir.path, model_dir.generation_config)
-    return model, Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
+    return model, tokenizer

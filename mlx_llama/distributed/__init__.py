@@ -2,5 +2,6 @@
 
 partition.py decides which layers each rank holds, stage.py builds and loads one
 rank's slice, group.py joins the launched group under a watchdog, pipeline.py
-runs the forward pass through the ranks (rank 0 drives the generation loop).
+runs the forward pass through the ranks (rank 0 drives the generation loop),
+memory.py measures a rank's RSS and returns freed heap before the weights load.
 """

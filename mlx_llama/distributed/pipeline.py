@@ -19,9 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import socket
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -33,10 +31,12 @@ import numpy as np
 
 from mlx_llama.config import ModelConfig
 from mlx_llama.distributed.group import PipelineGroup, join_group
+from mlx_llama.distributed.memory import peak_rss_bytes, release_freed_heap
 from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_stage
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.prompt_cache import rollback
-from mlx_llama.interfaces import KVCache
+from mlx_llama.interfaces import KVCache, TokenizerLike
+from mlx_llama.tokenizer import Tokenizer
 
 _STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
 # _FORWARD: command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep.
@@ -53,25 +53,24 @@ class CommStats:
     compute_s: float = 0.0
     send_s: float = 0.0
     wait_s: float = 0.0  # waiting for the previous rank (on rank 0: for the last one): upstream work + transfer
+    # Before the step: on rank 0 its own work between steps (sampling, the engine's bookkeeping),
+    # on the others waiting for rank 0 to start the step (they idle at every step boundary).
+    between_s: float = 0.0
 
-    def add(self, decoded: int, compute: float, send: float, wait: float) -> None:
+    def add(self, decoded: int, compute: float, send: float, wait: float, between: float) -> None:
         """A step's figures; counted when it decoded (`decoded` tokens, one per sequence) and read no prompt."""
         if decoded:
             self.tokens += decoded
             self.compute_s += compute
             self.send_s += send
             self.wait_s += wait
+            self.between_s += between
 
     def describe(self) -> str:
         n = max(self.tokens, 1)
         return (f"per token: compute {1e3 * self.compute_s / n:.2f} ms, send {1e3 * self.send_s / n:.2f} ms, "
-                f"waiting for peers {1e3 * self.wait_s / n:.2f} ms ({self.tokens} tokens)")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+                f"waiting for peers {1e3 * self.wait_s / n:.2f} ms, between steps {1e3 * self.between_s / n:.2f} ms "
+                f"({self.tokens} tokens)")
 
 
 @dataclass
@@ -81,6 +80,7 @@ class Pipeline:
     group: PipelineGroup
     stage: PipelineStage
     threads: int | None = None  # the thread pools' size when this rank set it to its share of the host
+    loaded_rss: int = 0  # the peak RSS once this rank's stage was loaded, before any step ran
     stats: CommStats = field(default_factory=CommStats)
     broken: bool = False  # a send or recv failed: the connection to the other ranks is gone
     stopped: bool = False  # rank 0 told the others to finish
@@ -115,7 +115,8 @@ class Pipeline:
         layers = self.stage.plan.layers
         threads = f", {self.threads}-thread pools" if self.threads else ""
         return (f"{self.group.who}: layers {layers.start}-{layers.stop - 1} ({len(self.stage.tensor_names)} tensors, "
-                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB, "
+                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB "
+                f"({self.loaded_rss / 1e9:.3f} GB once loaded), "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
     def serve(self, wait_idle: bool = False) -> None:
@@ -128,7 +129,7 @@ class Pipeline:
         cache: list[KVCache] = []  # the one sequence of `generate_tokens` steps
         caches: dict[int, list[KVCache]] = {}  # the batched engine's sequences, by rank 0's key
         while True:
-            header, _ = self._recv((_HEADER,), mx.int32, g.rank - 1, bounded=not wait_idle)
+            header, between = self._recv((_HEADER,), mx.int32, g.rank - 1, bounded=not wait_idle)
             if not self.stage.plan.last:
                 self._send(header, g.rank + 1)
             command, *fields = (int(v) for v in np.array(header))
@@ -137,9 +138,9 @@ class Pipeline:
             if command == _ABORT:
                 raise MlxLlamaError(f"{g.who}: rank 0 stopped with an error")
             if command == _FORWARD:
-                cache = self._serve_forward(cache, *fields)
+                cache = self._serve_forward(cache, between, *fields)
             else:
-                self._serve_packed(caches, *fields)
+                self._serve_packed(caches, between, *fields)
 
     def _fresh_or_continued(self, cache: list[KVCache] | None, offset: int, max_kv: int,
                             keep: int) -> list[KVCache]:
@@ -154,9 +155,10 @@ class Pipeline:
                                 f"{cache[0].offset if cache else 0}, rank 0 at {offset})")
         return cache
 
-    def _serve_forward(self, cache: list[KVCache], batch: int, length: int, last_only: int, offset: int,
-                       max_kv: int, keep: int) -> list[KVCache]:
-        """One `generate_tokens` step (see `PipelineModel.__call__`); returns the sequence's caches."""
+    def _serve_forward(self, cache: list[KVCache], between: float, batch: int, length: int, last_only: int,
+                       offset: int, max_kv: int, keep: int) -> list[KVCache]:
+        """One `generate_tokens` step (see `PipelineModel.__call__`), whose header took `between` seconds
+        to come; returns the sequence's caches."""
         cache = self._fresh_or_continued(cache, offset, max_kv, keep)
         h, wait = self._recv((batch, length, self.config.hidden_size), self.stage.compute_dtype, self.group.rank - 1)
         t = time.perf_counter()
@@ -165,12 +167,14 @@ class Pipeline:
             out = out[:, -1:, :]  # all the head on rank 0 looks at
         mx.eval(out, *[a for c in cache for a in c.state[:2]])
         compute = time.perf_counter() - t
-        self.stats.add(int(length == 1), compute, self._send(out, (self.group.rank + 1) % self.group.size), wait)
+        send = self._send(out, (self.group.rank + 1) % self.group.size)
+        self.stats.add(int(length == 1), compute, send, wait, between)
         return cache
 
-    def _serve_packed(self, caches: dict[int, list[KVCache]], tokens: int, n_segments: int, n_dropped: int,
-                      n_rows: int, max_kv: int, keep: int) -> None:
-        """One step of the batched engine (see `PipelineModel.forward_packed`), updating `caches` in place."""
+    def _serve_packed(self, caches: dict[int, list[KVCache]], between: float, tokens: int, n_segments: int,
+                      n_dropped: int, n_rows: int, max_kv: int, keep: int) -> None:
+        """One step of the batched engine (see `PipelineModel.forward_packed`), whose header took `between`
+        seconds to come; updates `caches` in place."""
         g = self.group
         plan, _ = self._recv((3 * n_segments + n_dropped + n_rows,), mx.int32, g.rank - 1)
         if not self.stage.plan.last:
@@ -199,7 +203,7 @@ class Pipeline:
         compute = time.perf_counter() - t
         # Prompt chunks alone produce no rows: rank 0 then waits for nothing.
         send = self._send(out, (g.rank + 1) % g.size) if rows or not last else 0.0
-        self.stats.add(tokens if n_rows == tokens else 0, compute, send, wait)
+        self.stats.add(tokens if n_rows == tokens else 0, compute, send, wait, between)
 
     def stop(self, aborted: bool = False) -> None:
         """Rank 0: tell the other ranks to finish (to exit with an error when `aborted`); once."""
@@ -270,6 +274,11 @@ class PipelineModel:
         self._next_key = itertools.count()
         self._dropped: list[int] = []
         self.micro_batch_tokens = micro_batch_tokens()
+        self._last_step_end: float | None = None  # when the previous step through the ranks returned
+
+    def _since_last_step(self) -> float:
+        """Rank 0's time since the previous step returned: its own work between steps (sampling, the engine's)."""
+        return 0.0 if self._last_step_end is None else time.perf_counter() - self._last_step_end
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -287,6 +296,7 @@ class PipelineModel:
         h = stage.embed(tokens)
         if size == 1:
             return stage.logits(stage.forward_layers(h, cache), last_only)
+        between = self._since_last_step()
         batch, length = tokens.shape
         max_kv = cache[0].max_size
         keep = getattr(cache[0], "keep", 0)
@@ -302,7 +312,8 @@ class PipelineModel:
         t = time.perf_counter()
         logits = stage.logits(h, last_only)
         mx.eval(logits)
-        p.stats.add(int(length == 1), compute + time.perf_counter() - t, send, wait)
+        p.stats.add(int(length == 1), compute + time.perf_counter() - t, send, wait, between)
+        self._last_step_end = time.perf_counter()
         return logits
 
     def forward_packed(self, tokens: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
@@ -319,6 +330,7 @@ class PipelineModel:
         if p.group.size == 1:
             h = stage.forward_packed_layers(h, segments)
             return stage.logits(h[:, mx.array(list(rows), dtype=mx.int32)], last_only=False)[0] if rows else no_rows
+        between = self._since_last_step()
         compute = send = wait = 0.0
         groups = micro_batches([n for n, _ in segments], rows, p.group.size, self.micro_batch_tokens)
         # Each micro-batch goes on as soon as rank 0's layers are done with it, so that rank 1 works
@@ -334,11 +346,14 @@ class PipelineModel:
                 received.append(h_rows)
                 wait += w
         if not received:  # the next step may start at once
+            self._last_step_end = time.perf_counter()
             return no_rows
         t = time.perf_counter()
         logits = stage.logits(mx.concatenate(received, axis=1), last_only=False)[0]
         mx.eval(logits)
-        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait)
+        p.stats.add(len(rows) if len(rows) == tokens.shape[1] else 0, compute + time.perf_counter() - t, send, wait,
+                    between)
+        self._last_step_end = time.perf_counter()
         return logits
 
     def _send_step(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]],
@@ -419,15 +434,23 @@ def share_host_cores(hosts: Sequence[str], rank: int) -> int | None:
     return threads
 
 
-def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[Pipeline, OpenedCheckpoint]:
-    """Join the launched group, load this rank's stage and take this rank's share of its host's cores;
-    every rank fails, naming the rank, when one cannot load."""
+def start_pipeline(model_path: str, dtype: str | None,
+                   timeout: float) -> tuple[Pipeline, OpenedCheckpoint, TokenizerLike | None]:
+    """Join the launched group, load this rank's stage (and on rank 0 the tokenizer, None when the
+    directory has none) and take this rank's share of its host's cores; every rank fails, naming the
+    rank, when one cannot load."""
     group = join_group(timeout)
     stage: PipelineStage | None = None
     checkpoint: OpenedCheckpoint | None = None
+    tokenizer: TokenizerLike | None = None
     status: dict[str, Any] = {"who": group.who, "host": socket.gethostname(), "error": None}
     try:
         checkpoint = OpenedCheckpoint.open(model_path)
+        if group.rank == 0:
+            # Before the weights, so that what parsing it leaves freed goes back instead of adding to the peak.
+            model_dir = checkpoint.model_dir
+            tokenizer = Tokenizer.from_dir(model_dir.path, model_dir.config, model_dir.generation_config)
+            release_freed_heap()
         stage = load_stage(checkpoint, group.rank, group.size, dtype)
     except MlxLlamaError as e:
         status["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -438,4 +461,4 @@ def start_pipeline(model_path: str, dtype: str | None, timeout: float) -> tuple[
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
     threads = share_host_cores([s["host"] for s in statuses], group.rank)
-    return Pipeline(group, stage, threads), checkpoint
+    return Pipeline(group, stage, threads, peak_rss_bytes()), checkpoint, tokenizer

@@ -26,9 +26,15 @@ from mlx_llama.model.cache import make_cache
 from mlx_llama.model.llama import DecoderLayer, RMSNorm, input_embeddings, output_logits, packed_layers
 from mlx_llama.model_dir import ModelDir
 
-# Resident memory of a loaded HF tokenizer per byte of its tokenizer.json: the Llama-3
-# tokenizer (9.1 MB) adds 93 MB to the RSS of the process that loads it, rank 0.
-TOKENIZER_MEMORY_PER_FILE_BYTE = 10
+# Steps over at least this many tokens (prompt chunks) run their layers one evaluation each: MLX
+# evaluating several layers' graph at once holds the intermediates of more than one layer (40 MB
+# more at 128 tokens of the 1B shape), and that peak counts in every rank's RSS.  Decode steps
+# keep one graph: there an evaluation per layer costs time and the intermediates are small.
+LAYER_BY_LAYER_TOKENS = 16
+
+# Resident memory of a loaded HF tokenizer per byte of its tokenizer.json, once what parsing it
+# freed is returned (distributed.memory): the Llama-3 tokenizer (9.1 MB) keeps 45 MB on rank 0.
+TOKENIZER_MEMORY_PER_FILE_BYTE = 5
 
 
 class _StageBody(nn.Module):
@@ -69,16 +75,25 @@ class PipelineStage(nn.Module):
 
     def forward_layers(self, h: mx.array, cache: Sequence[KVCache]) -> mx.array:
         """This rank's layers over hidden states `h` (B, L, hidden), updating its caches."""
+        one_by_one = h.shape[1] >= LAYER_BY_LAYER_TOKENS
         with extension.resolved():
             mask = cache[0].make_mask(h.shape[1])
             for layer, c in zip(self.layers, cache):
                 h = layer(h, mask, c)
+                if one_by_one:
+                    mx.eval(h, *c.state[:2])
         return h
 
     def forward_packed_layers(self, h: mx.array, segments: Sequence[tuple[int, Sequence[KVCache]]]) -> mx.array:
         """This rank's layers over several sequences packed in `h` (1, N, hidden), as the batched engine runs them."""
         with extension.resolved():
-            return packed_layers(self.layers, h, segments)
+            if h.shape[1] < LAYER_BY_LAYER_TOKENS:
+                return packed_layers(self.layers, h, segments)
+            for i, layer in enumerate(self.layers):
+                # Layer i alone: its masks come from cache i, where cache 0 was before the step.
+                h = packed_layers([layer], h, [(n, cache[i : i + 1]) for n, cache in segments])
+                mx.eval(h, *[cache[i].state[0] for _, cache in segments])
+        return h
 
     def logits(self, h: mx.array, last_only: bool) -> mx.array:
         with extension.resolved():
