@@ -102,7 +102,9 @@ TARGET_AVX512 inline float quantize_block(const float* p, float qmax, __m512i& q
 //  * 4 bits, int8, `rows` layout (row_tile): per 128 k, the 64 even-k then
 //    the 64 odd-k values (the low and high nibbles of 64 bytes of a row);
 //  * 8 bits, int16 (x16): per 4 k, the order k0 k2 k1 k3 (a weight word's
-//    bytes 0 and 2, then 1 and 3, meet them in vpdpwssd).
+//    bytes 0 and 2, then 1 and 3, meet them in vpdpwssd);
+//  * 8 bits, int16, `rows` layout: per 64 k (16 words), the (k0, k2) pairs
+//    of the 16 words, then their (k1, k3) pairs.
 TARGET_AVX512 void quantize_row(
     const float* x, int K, int bits, bool x16, bool rows, int group_size, int8_t* xq, float* d,
     int32_t* ci, float* xsum) {
@@ -125,6 +127,16 @@ TARGET_AVX512 void quantize_row(
       const __m512i v = _mm512_inserti64x4(
           _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q0)), _mm512_cvtepi32_epi16(q1), 1);
       _mm512_storeu_si512(xq + b * 64, _mm512_permutexvar_epi16(k0213, v));
+      if (rows && (b % 2 == 1 || b == K / 32 - 1)) {
+        // Per 16 words: their (k0, k2) pairs, then their (k1, k3) pairs.
+        int8_t* chunk = xq + (b / 2) * 128;
+        const __m512i lo = _mm512_loadu_si512(chunk);
+        const __m512i hi = b % 2 == 1 ? _mm512_loadu_si512(chunk + 64) : _mm512_setzero_si512();
+        const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+        _mm512_storeu_si512(chunk, _mm512_permutex2var_epi32(lo, evens, hi));
+        _mm512_storeu_si512(chunk + 64, _mm512_permutex2var_epi32(lo, odds, hi));
+      }
       continue;
     }
     const __m256i v = _mm256_inserti128_si256(
@@ -478,13 +490,12 @@ TARGET_AVX512 inline void quad_sums(const __m512i P[16], __m512i out[4]) {
   out[3] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
 }
 
-// One activation row (decode), int8 (Q8), one panel: each weight row's 64
-// bytes meet a full vector of activations (for 4 bits in the row layout:
-// per 128 k, the 64 even-k then the 64 odd-k values), and quad_sums turns
-// the 16 rows' partial sums into per-block sums of 16 columns — half the
-// shuffles of transposing the weights first. Integer sums are exact, so the
-// per-element sequence and bits are those of panel_tile.
-template <int BITS>
+// One activation row (decode), one panel: each weight row's 64 bytes meet
+// full vectors of activations (quantize_row's `rows` layouts), and quad_sums
+// turns the 16 rows' partial sums into per-block sums of 16 columns — half
+// the shuffles of transposing the weights first. Integer sums are exact, so
+// the per-element sequence and bits are those of panel_tile.
+template <int BITS, bool X16>
 TARGET_AVX512 void row_tile(
     const Acts& x, const uint32_t* w, int64_t D, int rows, const float* ps, const float* pbb, int bpg,
     float* y, int64_t, const NextPanel& next) {
@@ -503,6 +514,15 @@ TARGET_AVX512 void row_tile(
         _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
         const Word nib = split_word<4, false>(v);
         P[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), nib.a, xe), nib.b, xo);
+      }
+    } else if constexpr (X16) {
+      const __m512i xa = _mm512_loadu_si512(x.xq + j0 * 8);
+      const __m512i xb = _mm512_loadu_si512(x.xq + j0 * 8 + 64);
+      for (int i = 0; i < 16; ++i) {
+        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+        _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
+        const Word pairs = split_word<8, true>(v);
+        P[i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), pairs.a, xa), pairs.b, xb);
       }
     } else {
       const __m512i xv = _mm512_loadu_si512(x.xq + j0 * 4);
@@ -596,7 +616,7 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
   const int G = a.K / a.group_size;
   // Rows padded to 128 k: row_tile reads whole 64-byte vectors.
   const int64_t stride = int64_t(ceil_div(a.K, 128)) * 128 * (x16 ? 2 : 1);
-  const bool rows_layout = a.M == 1 && !x16;
+  const bool rows_layout = a.M == 1;
 
   struct Scratch {
     std::vector<int8_t> xq;
@@ -665,7 +685,8 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     const int m0 = mb * kRowsPerTask, m1 = std::min(a.M, m0 + kRowsPerTask);
     const int p_end = bounds[nb_i + 1];
     if (a.M <= kMaxDirectRows) {
-      const DirectFn fn = rows_layout ? (a.bits == 4 ? row_tile<4> : row_tile<8>) : direct[a.M - 1];
+      const DirectFn row = a.bits == 4 ? row_tile<4, false> : (x16 ? row_tile<8, true> : row_tile<8, false>);
+      const DirectFn fn = rows_layout ? row : direct[a.M - 1];
       const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
       // The cache line holding row n's first scale (or bias).
       auto param_line = [&](const void* base, int n) {
