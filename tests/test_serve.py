@@ -37,7 +37,8 @@ def quantized_chat_model(tiny_chat_model: Path, tmp_path_factory: pytest.TempPat
 def server(quantized_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
     proc = ServerProcess(quantized_chat_model, log, "--model-name", MODEL, "--parallel", "8",
-                         "--kv-budget", "256M", "--prompt-cache-bytes", "64M", "--max-tokens", "5")
+                         "--kv-budget", "256M", "--prompt-cache-bytes", "64M", "--max-tokens", "5",
+                         "--gap-target-ms", "250")
     yield proc
     proc.stop_cleanly()
 

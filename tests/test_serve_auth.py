@@ -94,6 +94,7 @@ def test_sigterm_drains_the_open_stream_then_stops(server: ServerProcess) -> Non
     (["--api-key", " "], "empty"),
     (["--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
     (["--kv-budget", "lots"], "is not a byte size"),
+    (["--gap-target-ms", "-1"], "not in the range"),
 ])
 def test_bad_serve_flags_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "-m", str(tmp_path), *args])

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from mlx_llama.cli.pipeline_options import join_pipeline, pipeline_options
 from mlx_llama.errors import MlxLlamaError
+from mlx_llama.generation.engine import EngineConfig
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -78,6 +79,9 @@ def _is_loopback(host: str) -> bool:
               help="KV cache bytes all running sequences may reserve together (each reserves prompt + max_tokens).")
 @click.option("--prompt-cache-bytes", type=ByteSize(), default="512M", show_default=True,
               help="Bytes of prefix KV kept across requests (least recently used evicted; 0 disables).")
+@click.option("--gap-target-ms", type=click.FloatRange(min=0), default=EngineConfig.gap_target_ms, show_default=True,
+              help="Longest step (ms) a joining prompt may cause for the streams already decoding: "
+                   "long prompts are prefilled in chunks that fit; 0: no limit (faster prefill, longer gaps).")
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every endpoint but /health.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Read the API key from this file (keeps it out of the process list).")
@@ -88,12 +92,12 @@ def _is_loopback(host: str) -> bool:
 @pipeline_options
 def serve_command(model_path: str, dtype: str | None, host: str, port: int, model_name: str | None,
                   parallel: int, max_queue: int, default_max_tokens: int, max_kv_size: int | None, kv_budget: int,
-                  prompt_cache_bytes: int, api_key: str | None, api_key_file: Path | None,
+                  prompt_cache_bytes: int, gap_target_ms: float, api_key: str | None, api_key_file: Path | None,
                   cors_origins: tuple[str, ...], log_level: str, pipeline: bool, pipeline_timeout: float) -> None:
     """Serve a model over the OpenAI API (chat and text completions, streaming)."""
     import uvicorn
 
-    from mlx_llama.generation.engine import Engine, EngineConfig
+    from mlx_llama.generation.engine import Engine
     from mlx_llama.loader import load
     from mlx_llama.server.app import create_app
     from mlx_llama.server.metrics import ServerMetrics
@@ -109,7 +113,8 @@ def serve_command(model_path: str, dtype: str | None, host: str, port: int, mode
             raise MlxLlamaError("--prompt-cache-bytes does not work with --pipeline")
         prompt_cache_bytes = 0
     config = EngineConfig(max_batch=parallel, kv_budget_bytes=kv_budget, max_queue=max_queue,
-                          max_kv_size=max_kv_size, prefix_cache_bytes=prompt_cache_bytes)
+                          max_kv_size=max_kv_size, prefix_cache_bytes=prompt_cache_bytes,
+                          gap_target_ms=gap_target_ms or None)
     config.validate()
     if pipeline:
         # Joined before the key file is read: only rank 0 serves HTTP.
