@@ -54,11 +54,18 @@ inline int ceil_div(int a, int b) {
 }
 
 // The activations of one call, prepared once (before the weight panels).
+// Few rows (the decode tiles): row m's words at xq + m * xq_stride, its
+// block values at [m * nb + b], its group sums at [m * G + g]. More rows
+// (panel_tile): interleaved in groups of kMaxRows rows, word w of row r of
+// group q at xq + q * kMaxRows * xq_stride + w * 4 * kMaxRows + r * 4, its
+// block values at [(q * nb + b) * kMaxRows + r], its group sums likewise:
+// a tile reaches all its rows from one pointer at constant offsets, where 8
+// row pointers were kept on the stack and reloaded in the inner loop.
 struct Acts {
-  const int8_t* xq; // M rows of xq_stride bytes: int8 (Q8) or int16 (Q16)
-  const float* d; // M x nb block scales
-  const int32_t* ci; // M x nb: -c * (sum of the block's integer activations)
-  const float* xsum; // M x G exact group sums of x
+  const int8_t* xq; // int8 (Q8) or int16 (Q16) values, xq_stride bytes per row
+  const float* d; // block scales
+  const int32_t* ci; // per block: -c * (sum of the block's integer activations)
+  const float* xsum; // exact group sums of x
   int64_t xq_stride;
   int nb;
   int G;
@@ -283,19 +290,20 @@ TARGET_AVX512 inline Word split_word(__m512i raw) {
   }
 }
 
-// I + the products of word j of block b with one activation row xr.
-template <int BITS, bool X16>
+// I + the products of word j of block b with one activation row whose
+// words are WS bytes apart from xr on (4: plain, 4 * kMaxRows: interleaved).
+template <int BITS, bool X16, int WS>
 TARGET_AVX512 inline __m512i add_word(__m512i I, const Word& w, const int8_t* xr, int b, int j) {
   if constexpr (BITS == 4) {
-    const int8_t* p = xr + b * 32 + 4 * j;
+    const int8_t* p = xr + (b * 8 + j) * WS;
     I = _mm512_dpbusd_epi32(I, w.a, _mm512_set1_epi32(word_at(p)));
-    return _mm512_dpbusd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + 16)));
+    return _mm512_dpbusd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + 4 * WS)));
   } else if constexpr (!X16) {
-    return _mm512_dpbusd_epi32(I, w.a, _mm512_set1_epi32(word_at(xr + b * 32 + 4 * j)));
+    return _mm512_dpbusd_epi32(I, w.a, _mm512_set1_epi32(word_at(xr + (b * 8 + j) * WS)));
   } else {
-    const int8_t* p = xr + b * 64 + 8 * j;
+    const int8_t* p = xr + (b * 16 + 2 * j) * WS;
     I = _mm512_dpwssd_epi32(I, w.a, _mm512_set1_epi32(word_at(p)));
-    return _mm512_dpwssd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + 4)));
+    return _mm512_dpwssd_epi32(I, w.b, _mm512_set1_epi32(word_at(p + WS)));
   }
 }
 
@@ -321,16 +329,12 @@ TARGET_AVX512 inline __m512 add_group(__m512 acc, __m512 t, __m512 s, __m512 bb,
 template <int BITS, bool X16, int R, int V>
 TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0, float* y, int64_t ldy) {
   constexpr int WPB = BITS == 4 ? 4 : 8; // weight words per block of 32 k
-  const int8_t* xr[R];
-  const float* dr[R];
-  const int32_t* cr[R];
-  const float* sr[R];
-  for (int r = 0; r < R; ++r) {
-    xr[r] = x.xq + int64_t(m0 + r) * x.xq_stride;
-    dr[r] = x.d + int64_t(m0 + r) * x.nb;
-    cr[r] = x.ci + int64_t(m0 + r) * x.nb;
-    sr[r] = x.xsum + int64_t(m0 + r) * x.G;
-  }
+  constexpr int WS = 4 * kMaxRows; // interleaved activations (Acts), m0 % kMaxRows == 0
+  const int64_t q = m0 / kMaxRows;
+  const int8_t* xg = x.xq + q * kMaxRows * x.xq_stride;
+  const float* dg = x.d + q * x.nb * kMaxRows;
+  const int32_t* cg = x.ci + q * x.nb * kMaxRows;
+  const float* sg = x.xsum + q * x.G * kMaxRows;
   const __m512i* wv[V];
   const float* sv[V];
   const float* bv[V];
@@ -352,20 +356,20 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       __m512i I[R][V];
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          I[r][v] = _mm512_set1_epi32(cr[r][b]);
+          I[r][v] = _mm512_set1_epi32(cg[b * kMaxRows + r]);
         }
       }
       for (int j = 0; j < WPB; ++j) {
         for (int v = 0; v < V; ++v) {
           const Word w = split_word<BITS, X16>(_mm512_loadu_si512(wv[v] + b * WPB + j));
           for (int r = 0; r < R; ++r) {
-            I[r][v] = add_word<BITS, X16>(I[r][v], w, xr[r], b, j);
+            I[r][v] = add_word<BITS, X16, WS>(I[r][v], w, xg + 4 * r, b, j);
           }
         }
       }
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          t[r][v] = add_block(t[r][v], I[r][v], dr[r][b], bi == 0);
+          t[r][v] = add_block(t[r][v], I[r][v], dg[b * kMaxRows + r], bi == 0);
         }
       }
     }
@@ -373,7 +377,7 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       const __m512 s = _mm512_load_ps(sv[v] + g * kCols);
       const __m512 bb = _mm512_load_ps(bv[v] + g * kCols);
       for (int r = 0; r < R; ++r) {
-        acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sr[r][g]);
+        acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sg[g * kMaxRows + r]);
       }
     }
   }
@@ -445,7 +449,7 @@ TARGET_AVX512 void direct_tile(
       for (int j = 0; j < WPB; ++j) {
         const Word w = split_word<BITS, X16>(v[lb * WPB + j]);
         for (int r = 0; r < R; ++r) {
-          I[r] = add_word<BITS, X16>(I[r], w, x.xq + int64_t(r) * x.xq_stride, b, j);
+          I[r] = add_word<BITS, X16, 4>(I[r], w, x.xq + int64_t(r) * x.xq_stride, b, j);
         }
       }
       const int bi = b % bpg, g = b / bpg;
@@ -623,11 +627,13 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     std::vector<float> d, xsum;
     std::vector<int32_t> ci;
   };
+  const bool interleaved = a.M > kMaxDirectRows; // Acts: panel_tile's layout
+  const size_t rows = interleaved ? size_t(ceil_div(a.M, kMaxRows)) * kMaxRows : size_t(a.M);
   static thread_local Scratch sc;
-  sc.xq.resize(size_t(a.M) * stride);
-  sc.d.resize(size_t(a.M) * nb);
-  sc.ci.resize(size_t(a.M) * nb);
-  sc.xsum.resize(size_t(a.M) * G);
+  sc.xq.resize(rows * stride);
+  sc.d.resize(rows * nb);
+  sc.ci.resize(rows * nb);
+  sc.xsum.resize(rows * G);
   const Acts x{sc.xq.data(), sc.d.data(), sc.ci.data(), sc.xsum.data(), stride, nb, G};
   int8_t* xq = sc.xq.data();
   float* d = sc.d.data();
@@ -635,11 +641,37 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
   float* xsum = sc.xsum.data();
 
   auto& pool = ThreadPool::instance();
+  const int64_t row_words = int64_t(a.K) * (x16 ? 2 : 1) / 4;
   auto prep = [&](int m0, int m1) {
+    if (!interleaved) {
+      for (int m = m0; m < m1; ++m) {
+        quantize_row(
+            a.x + int64_t(m) * a.K, a.K, a.bits, x16, rows_layout, a.group_size, xq + m * stride,
+            d + int64_t(m) * nb, ci + int64_t(m) * nb, xsum + int64_t(m) * G);
+      }
+      return;
+    }
+    static thread_local Scratch row; // one row, plain, then spread into the interleaved layout
+    row.xq.resize(stride);
+    row.d.resize(nb);
+    row.ci.resize(nb);
+    row.xsum.resize(G);
     for (int m = m0; m < m1; ++m) {
       quantize_row(
-          a.x + int64_t(m) * a.K, a.K, a.bits, x16, rows_layout, a.group_size, xq + m * stride,
-          d + int64_t(m) * nb, ci + int64_t(m) * nb, xsum + int64_t(m) * G);
+          a.x + int64_t(m) * a.K, a.K, a.bits, x16, false, a.group_size, row.xq.data(), row.d.data(),
+          row.ci.data(), row.xsum.data());
+      const int64_t q = m / kMaxRows, r = m % kMaxRows;
+      int8_t* dst = xq + q * kMaxRows * stride + r * 4;
+      for (int64_t w = 0; w < row_words; ++w) {
+        std::memcpy(dst + w * 4 * kMaxRows, row.xq.data() + w * 4, 4);
+      }
+      for (int b = 0; b < nb; ++b) {
+        d[(q * nb + b) * kMaxRows + r] = row.d[b];
+        ci[(q * nb + b) * kMaxRows + r] = row.ci[b];
+      }
+      for (int g = 0; g < G; ++g) {
+        xsum[(q * G + g) * kMaxRows + r] = row.xsum[g];
+      }
     }
   };
   if (a.M >= 16) {
