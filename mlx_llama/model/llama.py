@@ -105,11 +105,14 @@ class Attention(nn.Module):
     def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence[Any]) -> mx.array:
         """One row per cache (rotated q, k (1, n, heads, head_dim)): each cache takes its row's
         key and value, then one attention call over all n rows → (1, n, heads * head_dim)."""
-        # (1, kv_heads, n, head_dim): row j's slice is then the (1, kv_heads, 1, head_dim) a cache stores.
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        fetched = [cache.update_and_fetch(k[:, :, j : j + 1], v[:, :, j : j + 1]) for j, cache in enumerate(caches)]
+        # (1, kv_heads, n, head_dim), split into the rows' (1, kv_heads, 1, head_dim) a cache stores:
+        # one Split node with n outputs, where n slices would be n nodes.
+        n = len(caches)
+        k_rows = mx.split(k.transpose(0, 2, 1, 3), n, axis=2) if n > 1 else [k.transpose(0, 2, 1, 3)]
+        v_rows = mx.split(v.transpose(0, 2, 1, 3), n, axis=2) if n > 1 else [v.transpose(0, 2, 1, 3)]
+        fetched = [cache.update_and_fetch(kj, vj) for cache, kj, vj in zip(caches, k_rows, v_rows)]
         keys, values = [kv[0] for kv in fetched], [kv[1] for kv in fetched]
-        return fused.attention_rows(q, keys, values, self.scale).reshape(1, len(caches), -1)
+        return fused.attention_rows(q, keys, values, self.scale).reshape(1, n, -1)
 
 
 def _runs(spans: Sequence[Span]) -> list[list[Span]]:
