@@ -24,7 +24,7 @@ from mlx_llama.convert import convert
 from mlx_llama.kernels import extension
 from mlx_llama.kernels import ops
 from mlx_llama.loader import load_model
-from mlx_llama.model.llama import Model
+from mlx_llama.model.llama import Model, _split_rows
 
 ext = extension.module()
 pytestmark = pytest.mark.skipif(ext is None, reason="C++ extension not built")
@@ -158,3 +158,11 @@ def test_packed_steps_are_bit_identical_with_and_without_the_row_ops(
     assert len(batched) == len(per_sequence)
     for step, (a, b) in enumerate(zip(batched, per_sequence)):
         assert a.shape == b.shape and (a.view(np.uint32) == b.view(np.uint32)).all(), step
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 11, 16, 101])
+def test_split_rows_hands_each_cache_its_own_row(n: int) -> None:
+    a = np.random.default_rng(n).standard_normal((1, 3, n, 4)).astype(np.float32)
+    rows = _split_rows(mx.array(a))
+    assert [r.shape for r in rows] == [(1, 3, 1, 4)] * n
+    assert all((np.array(r) == a[:, :, i : i + 1]).all() for i, r in enumerate(rows))
