@@ -36,21 +36,23 @@ def _cpu() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(params=(1, 2), ids=lambda n: f"{n}threads")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+THREADS = (1, 2)  # kernel threads each op check runs with: tasks are split differently
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
     before = ext.num_threads()
-    ext.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        ext.set_num_threads(before)
+    yield
+    ext.set_num_threads(before)
 
 
 def bits(a: mx.array) -> np.ndarray:
     return np.array(a).view(np.uint32)
 
 
+@pytest.mark.parametrize("threads", THREADS)
 def test_rope_rows_rotates_each_row_as_rope_does_at_its_position(threads: int) -> None:
+    ext.set_num_threads(threads)
     rng = np.random.default_rng(0)
     D = 64
     periods = mx.array(rng.uniform(1.0, 5e5, D // 2).astype(np.float32))
@@ -81,8 +83,10 @@ def cache_view(rng: np.random.Generator, hkv: int, T: int, D: int, layout: str) 
     ids=["gqa4", "gqa3", "mha", "generic-d12"],
 )
 @pytest.mark.parametrize("layout", ["view", "strided-d"])
+@pytest.mark.parametrize("threads", THREADS)
 def test_attention_rows_attends_each_row_as_attention_does(threads: int, H: int, Hkv: int, D: int,
                                                            layout: str) -> None:
+    ext.set_num_threads(threads)
     rng = np.random.default_rng(H * 100 + D)
     lengths = [1, 3, 17, 64, 200, 9]
     q = mx.array(rng.standard_normal((1, len(lengths), H, D)).astype(np.float32))
