@@ -61,12 +61,18 @@ class Attention(nn.Module):
         call, with the bits the per-span calls give.
         """
         q, k, v = self._project(x)
-        if not fused.has_row_ops(q.dtype):
+        if fused.has_row_ops(q.dtype):
+            outs = self._attend_runs(q, k, v, spans, positions)
+        else:
             outs = [self._attend(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache)
                     for s, n, cache, mask in spans]
-            return self.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
+        return self.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
+
+    def _attend_runs(self, q: mx.array, k: mx.array, v: mx.array, spans: Sequence[Span],
+                     positions: mx.array) -> list[mx.array]:
+        """`packed` with the row ops: one RoPE over all rows, then per run of spans (`_runs`)."""
         q, k = self.rope.rows(q, positions), self.rope.rows(k, positions)
-        N = x.shape[1]
+        N = q.shape[1]
         outs = []
         for run in _runs(spans):
             s, n, cache, mask = run[0]
@@ -75,7 +81,7 @@ class Attention(nn.Module):
             else:
                 outs.append(self._attend_rows(_rows(q, s, len(run), N), _rows(k, s, len(run), N),
                                               _rows(v, s, len(run), N), [span[2] for span in run]))
-        return self.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
+        return outs
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q, k, v as (B, L, heads, head_dim)."""
@@ -114,7 +120,10 @@ class Attention(nn.Module):
 
 
 def _runs(spans: Sequence[Span]) -> list[list[Span]]:
-    """`spans` in order, grouped: each multi-row span alone, consecutive one-row spans together."""
+    """`spans` in order, grouped: each multi-row span alone, consecutive one-row spans together.
+
+    A one-row span is a decoding sequence or a one-token prompt chunk: either way its one query
+    sees every key its cache returns (no mask), so they share one attention call."""
     runs: list[list[Span]] = []
     for span in spans:
         if span[1] == 1 and runs and runs[-1][0][1] == 1:
