@@ -14,6 +14,11 @@ prefilled in chunks, vs a plain decode step.
     python benchmarks/batch_throughput.py                       # llama-3.2-1b, p128 g32, 2 rounds
     python benchmarks/batch_throughput.py -p 32 -g 16 --rounds 1 --batch-sizes 1,4,8
     python benchmarks/batch_throughput.py --peers mlx-llama,llamacpp,mlx-lm
+    python benchmarks/batch_throughput.py --peers mlx-llama,mlx-llama-per-sequence,llamacpp
+
+Peer `mlx-llama-per-sequence` is our engine with one RoPE and one attention
+call per sequence (the path without the extension's row ops), for a paired
+A/B of the batched row ops in the same rounds.
 
 llama.cpp's tools are looked up in --llama-cpp-bin, then $LLAMA_CPP_BIN, then PATH.
 Writes benchmarks/results/batch-throughput-<preset>.{json,md}; weights go to benchmarks/work/batch/.
@@ -45,6 +50,13 @@ log = throughput.log
 
 
 def engine_worker(spec: dict[str, Any]) -> None:
+    from engine_profile import PATHS, attention_path
+
+    with attention_path(PATHS[spec["attention"]]):
+        _engine_batches(spec)
+
+
+def _engine_batches(spec: dict[str, Any]) -> None:
     import resource
 
     import mlx.core as mx
@@ -124,8 +136,10 @@ def _join_gap(model: Any, spec: dict[str, Any], rng: Any) -> dict[str, float]:
                 streams=B - 1)
 
 
-def run_engine(name: str, weights: Path, args: argparse.Namespace, gap: bool) -> dict[str, Any]:
-    spec = dict(name=name, weights=str(weights), n_prompt=args.n_prompt, n_gen=args.n_gen, seed=args.seed,
+def run_engine(name: str, weights: Path, args: argparse.Namespace, gap: bool,
+               attention: str = "batched row ops") -> dict[str, Any]:
+    spec = dict(name=name, weights=str(weights), attention=attention, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                seed=args.seed,
                 batch_sizes=args.batch_sizes, chunk=args.chunk, gap_batch=8 if gap else 0,
                 gap_prompt=args.gap_prompt or 2 * args.chunk)
     r = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True)
@@ -248,18 +262,22 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         lcpp = result["peers"].get(f"llamacpp-q{bits}_0")
         mlm = result["peers"].get(f"mlx-lm-q{bits}")
+        perseq = result["peers"].get(f"mlx-llama-per-sequence-q{bits}")
         lines += [f"## {bits}-bit (ours: MLX affine g64; llama.cpp: Q{bits}_0)", "",
                   "| B | ours aggregate tok/s | ours per-seq | ours prefill | ours peak GB | "
-                  "llama.cpp aggregate | llama.cpp prefill | ours ÷ llama.cpp | mlx-lm aggregate |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "llama.cpp aggregate | llama.cpp prefill | ours ÷ llama.cpp | mlx-lm aggregate | "
+                  "ours, per-sequence RoPE/attention | ours ÷ that |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for B, o in ours["batches"].items():
             l = (lcpp or {}).get("batches", {}).get(B)
             m = (mlm or {}).get("batches", {}).get(B)
+            ps = (perseq or {}).get("batches", {}).get(B)
             cells = [B, f"{o['decode_tps']:.1f}", f"{o['per_seq_tps']:.1f}", f"{o['prefill_tps']:.1f}",
                      f"{o['peak_mem_gb']:.2f}"]
             cells += ([f"{l['decode_tps']:.1f}", f"{l['prefill_tps']:.1f}", f"{o['decode_tps'] / l['decode_tps']:.2f}×"]
                       if l else ["–"] * 3)
             cells.append(f"{m['decode_tps']:.1f}" if m else "–")
+            cells += ([f"{ps['decode_tps']:.1f}", f"{o['decode_tps'] / ps['decode_tps']:.2f}×"] if ps else ["–"] * 2)
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         b = ours["batches"]
         if "1" in b and "8" in b:
@@ -287,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-prompt", type=int, help="tokens of the prompt joining B=8 streams (default: 2 chunks)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--peers", default="mlx-llama,llamacpp", help="from mlx-llama, llamacpp, mlx-lm")
+    ap.add_argument("--peers", default="mlx-llama,llamacpp",
+                    help="from mlx-llama, mlx-llama-per-sequence, llamacpp, mlx-lm")
     ap.add_argument("--llama-cpp-bin", help="folder holding llama-batched-bench and llama-quantize")
     ap.add_argument("--llama-cpp-poll", type=int, default=None,
                     help="llama.cpp's --poll (0: its threads sleep instead of spinning; fairer on a busy machine)")
@@ -321,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {rnd + 1}: mlx-llama q{bits}")
                 runs.setdefault(f"mlx-llama-q{bits}", []).append(
                     run_engine(f"mlx-llama-q{bits}", mlx_dirs[bits], args, gap=rnd == 0))
+            if "mlx-llama-per-sequence" in peers:
+                log(f"round {rnd + 1}: mlx-llama q{bits}, per-sequence RoPE and attention")
+                runs.setdefault(f"mlx-llama-per-sequence-q{bits}", []).append(
+                    run_engine(f"mlx-llama-per-sequence-q{bits}", mlx_dirs[bits], args, gap=False,
+                               attention="per-sequence ops"))
             if bits in ggufs:
                 log(f"round {rnd + 1}: llama-batched-bench Q{bits}_0")
                 runs.setdefault(f"llamacpp-q{bits}_0", []).append(run_llama_cpp(ggufs[bits], bin_dir, args))

@@ -16,8 +16,13 @@ Two views of the same steps (1B shape, 4-bit random weights by default):
   concatenations, the rows' gather, sampling);
 * the step's graph: its node count by primitive.
 
+With `--compare`, each step is also run with the per-sequence RoPE and
+attention calls (the path without the extension's row ops), interleaved step
+by step with the batched one, so the two are measured under the same load.
+
     python benchmarks/engine_profile.py                         # B=8, prompts 128, chunk 32
     python benchmarks/engine_profile.py --batch 8 --chunk 64 --steps 10
+    python benchmarks/engine_profile.py --compare               # batched row ops vs per-sequence ops
 
 Prints a markdown report; `--out FILE` also writes it (benchmarks/results/engine-step-profile.md).
 """
@@ -47,6 +52,7 @@ import numpy as np  # noqa: E402
 from mlx_llama.generation import engine as engine_mod  # noqa: E402
 from mlx_llama.generation.engine import Engine, EngineConfig  # noqa: E402
 from mlx_llama.generation.requests import GenerationRequest  # noqa: E402
+from mlx_llama.kernels import extension  # noqa: E402
 from mlx_llama.kernels import ops as fused  # noqa: E402
 from mlx_llama.loader import load_model  # noqa: E402
 from mlx_llama.model import cache as cache_mod  # noqa: E402
@@ -56,7 +62,9 @@ from mlx_llama.model import llama, quantized  # noqa: E402
 TIMED_OPS = [
     (quantized, "quantized_matmul", "quantized matmuls"),
     (llama.fused, "attention", "attention (per sequence)"),
+    (llama.fused, "attention_rows", "attention (decode rows, one call)"),
     (llama.fused, "rope", "RoPE"),
+    (llama.fused, "rope_rows", "RoPE"),
     (llama.fused, "rms_norm", "RMSNorm"),
     (llama.fused, "swiglu", "SwiGLU"),
 ]
@@ -94,6 +102,7 @@ def graph_nodes(engine: Engine) -> Counter[str]:
 
 def lazy_step(engine: Engine) -> dict[str, float]:
     """One `Engine.step`, cut into its phases (the same calls in the same order)."""
+    cpu = time.process_time()
     t = [time.perf_counter()]
     events: list[Any] = []
     engine._admit(events)
@@ -111,6 +120,7 @@ def lazy_step(engine: Engine) -> dict[str, float]:
     names = ("plan", "graph building (Python)", "mx.eval", "logits to NumPy", "sampling (NumPy)")
     out = {n: 1e3 * (b - a) for n, a, b in zip(names, t, t[1:])}
     out["rows"] = len(tokens)
+    out["cpu"] = 1e3 * (time.process_time() - cpu)  # all threads; with --threads 1, the step's own work
     return out
 
 
@@ -162,37 +172,69 @@ def eval_fixed_cost() -> float:
     return 1e3 * statistics.median(times)
 
 
-def profile(engine: Engine, steps: int, join: Callable[[], None] | None, eval_cost: float) -> dict[str, Any]:
-    """Median lazy phases and median eager op-class times over `steps` steps (alternating)."""
-    lazy: dict[str, list[float]] = defaultdict(list)
-    eager: dict[str, list[float]] = defaultdict(list)
+# How a step runs RoPE and the decode rows' attention: the extension's row ops
+# (one call per layer) or one call per sequence (as without the extension).
+PATHS = {"batched row ops": True, "per-sequence ops": False}
+
+
+@contextlib.contextmanager
+def attention_path(row_ops: bool) -> Iterator[None]:
+    saved = fused.has_row_ops
+    if not row_ops:
+        fused.has_row_ops = lambda dtype: False
+    try:
+        yield
+    finally:
+        fused.has_row_ops = saved
+
+
+def profile(engine: Engine, steps: int, join: Callable[[], None] | None, eval_cost: float,
+            paths: list[str]) -> dict[str, dict[str, Any]]:
+    """Per path, median lazy phases and median eager op-class times over `steps` steps
+    (lazy and eager alternating, the paths interleaved step by step)."""
+    lazy: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
+    eager: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     for _ in range(steps):
-        if join:
-            join()
-        for k, v in lazy_step(engine).items():
-            lazy[k].append(v)
-        if join:
-            join()
-        totals: dict[str, float] = defaultdict(float)
-        s = time.process_time()
-        with eager_ops(totals, eval_cost):
-            lazy_step(engine)
-        totals["eager step"] = 1e3 * (time.process_time() - s)
-        for k, v in totals.items():
-            eager[k].append(v)
-    if join:
-        join()
-    return {"lazy": {k: statistics.median(v) for k, v in lazy.items()},
-            "eager": {k: statistics.median(v) for k, v in eager.items()}, "nodes": graph_nodes(engine)}
+        for path in paths:
+            with attention_path(PATHS[path]):
+                if join:
+                    join()
+                for k, v in lazy_step(engine).items():
+                    lazy[path][k].append(v)
+                if join:
+                    join()
+                totals: dict[str, float] = defaultdict(float)
+                s = time.process_time()
+                with eager_ops(totals, eval_cost):
+                    lazy_step(engine)
+                totals["eager step"] = 1e3 * (time.process_time() - s)
+                for k, v in totals.items():
+                    eager[path][k].append(v)
+    out = {}
+    for path in paths:
+        with attention_path(PATHS[path]):
+            if join:
+                join()
+            out[path] = {"lazy": {k: statistics.median(v) for k, v in lazy[path].items()},
+                         "eager": {k: statistics.median(v) for k, v in eager[path].items()},
+                         "nodes": graph_nodes(engine)}
+    return out
+
+
+NOT_PHASES = ("rows", "cpu")
+
+
+def lazy_total(r: dict[str, Any]) -> float:
+    return sum(v for k, v in r["lazy"].items() if k not in NOT_PHASES)
 
 
 def table(title: str, r: dict[str, Any]) -> list[str]:
     lz, eg = r["lazy"], r["eager"]
-    total = sum(v for k, v in lz.items() if k != "rows")
+    total = lazy_total(r)
     lines = [f"### {title} ({lz['rows']:.0f} packed rows)", "",
              f"Lazy step (as the engine runs it): {total:.1f} ms", "", "| phase | ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in lz.items() if k != "rows"]
-    classes = [name for _, _, name in TIMED_OPS] + ["KV cache writes"]
+    lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in lz.items() if k not in NOT_PHASES]
+    classes = list(dict.fromkeys(name for _, _, name in TIMED_OPS)) + ["KV cache writes"]
     step = eg["eager step"]
     rest = step - sum(eg.get(c, 0.0) for c in classes)
     lines += ["", f"The same step run eagerly, op by op, in CPU time of all threads (each op's less one eval's "
@@ -226,15 +268,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=32, help="prefill chunk (the mixed step adds one)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="kernel threads (default: the extension's; 1 makes the lazy "
+                    "step's CPU time its own work, which a busy host does not inflate)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run each step with per-sequence RoPE and attention, interleaved")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     model = load_benchmark_model(args)
+    if args.threads is not None:
+        extension.module().set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     eval_cost = eval_fixed_cost()
     engine = busy_engine(model, args, rng)
-    for _ in range(2):  # warm-up
-        lazy_step(engine)
-    decode = profile(engine, args.steps, None, eval_cost)
+    paths = list(PATHS) if args.compare else list(PATHS)[:1]
+    for path in paths:  # warm-up
+        with attention_path(PATHS[path]):
+            lazy_step(engine)
+            lazy_step(engine)
+    decode = profile(engine, args.steps, None, eval_cost, paths)
 
     def join() -> None:  # a fresh request whose first chunk rides along in the next step
         for seq in [s for s in engine._running if s.prefilling]:
@@ -242,16 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         engine._events.clear()
         engine.submit(GenerationRequest(prompt(rng, args.chunk), 1))
 
-    mixed = profile(engine, args.steps, join, eval_cost)
+    mixed = profile(engine, args.steps, join, eval_cost, paths)
     threads = extension_threads()
     lines = [f"# One engine step, {args.preset} 4-bit random weights, B={args.batch} decoding "
              f"(prompts {args.prompt}), chunk {args.chunk}", "",
              f"Command: `python benchmarks/engine_profile.py {' '.join(argv or sys.argv[1:])}`; "
              f"{throughput._cpu_name()}, {os.cpu_count()} cores, kernel threads {threads}, "
-             f"load average {os.getloadavg()[0]:.1f}; medians of {args.steps} steps; "
+             f"load average {os.getloadavg()[0]:.1f}; medians of {args.steps} steps"
+             f"{' per path, the paths interleaved step by step' if args.compare else ''}; "
              f"one eager eval's fixed cost {eval_cost * 1e3:.0f} CPU µs.", ""]
-    lines += table(f"Decode step, B={args.batch}", decode)
-    lines += table(f"Mixed step, B={args.batch} decoding + one {args.chunk}-token prefill chunk", mixed)
+    if args.compare:
+        lines += comparison(args.batch, args.chunk, decode, mixed)
+    for path in paths:
+        label = f" — {path}" if args.compare else ""
+        lines += table(f"Decode step, B={args.batch}{label}", decode[path])
+        lines += table(f"Mixed step, B={args.batch} decoding + one {args.chunk}-token prefill chunk{label}",
+                       mixed[path])
     report = "\n".join(lines)
     print(report)
     if args.out:
@@ -259,9 +316,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def extension_threads() -> str:
-    from mlx_llama.kernels import extension
+def comparison(batch: int, chunk: int, decode: dict[str, Any], mixed: dict[str, Any]) -> list[str]:
+    """The two paths side by side: lazy step ms, eager CPU ms, graph nodes, and the ratios."""
+    new, old = list(PATHS)
+    lines = ["| step | path | lazy step ms | lazy step CPU ms | eager CPU ms | graph nodes |",
+             "|---|---|---|---|---|---|"]
+    for name, r in ((f"decode B={batch}", decode), (f"decode B={batch} + {chunk}-token chunk", mixed)):
+        figures = {path: (lazy_total(r[path]), r[path]["lazy"]["cpu"], r[path]["eager"]["eager step"],
+                          sum(r[path]["nodes"].values())) for path in (old, new)}
+        for path, (wall, cpu, eager, nodes) in figures.items():
+            lines.append(f"| {name} | {path} | {wall:.1f} | {cpu:.1f} | {eager:.1f} | {nodes} |")
+        ratios = " | ".join(f"{a / b:.2f}x" for a, b in zip(figures[old], figures[new]))
+        lines.append(f"| {name} | per-sequence / batched | {ratios} |")
+    return lines + [""]
 
+
+def extension_threads() -> str:
     ext = extension.module()
     return str(ext.num_threads()) if ext is not None else "n/a (no extension)"
 

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "blas_dispatch.h"
 #include "fused_ops.h"
@@ -114,6 +115,15 @@ NB_MODULE(_qmm_ext, m) {
       "stream"_a = nb::none(),
       "Half-split RoPE of x (B, L, H, D) at positions offset + l, one graph node.");
   m.def(
+      "rope_rows",
+      &mlx_llama::rope_rows,
+      "x"_a,
+      "positions"_a,
+      "periods"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Half-split RoPE of x (B, L, H, D), row r at positions[r] (int32, B * L), one graph node.");
+  m.def(
       "swiglu",
       &mlx_llama::swiglu,
       "gate"_a,
@@ -132,6 +142,16 @@ NB_MODULE(_qmm_ext, m) {
       "causal"_a,
       "stream"_a = nb::none(),
       "softmax(q k^T * scale) v for q (B, L, H, D), k/v (B, Hkv, T, D) -> (B, L, H, D).");
+
+  m.def(
+      "attention_rows",
+      &mlx_llama::attention_rows,
+      "q"_a,
+      "kv"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "stream"_a = nb::none(),
+      "Row i of q (1, N, H, D) attends to kv[2i], kv[2i+1] (1, Hkv, T_i, D) -> (1, N, H, D), one graph node.");
 
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
   m.def(

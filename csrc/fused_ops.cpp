@@ -208,6 +208,62 @@ float exp_sub_sum_any(float* p, int n, float m) {
   return s;
 }
 
+// One query row of one head over keys [0, n) (k_t = kb + t * k_stride, the
+// same for v): yr = softmax(qr k^T * scale) v, in the generic code's order.
+// p: n floats of scratch.
+void attend_head(const float* qr, const float* kb, int64_t k_stride, const float* vb, int64_t v_stride,
+                 int n, int D, float scale, float* p, float* yr) {
+  float m = -INFINITY;
+  for (int t = 0; t < n; ++t) {
+    p[t] = dot_f32(qr, kb + t * k_stride, D) * scale;
+    m = std::max(m, p[t]);
+  }
+  const float inv = 1.f / exp_sub_sum_any(p, n, m);
+  std::fill(yr, yr + D, 0.f);
+  for (int t = 0; t < n; ++t) {
+    axpy_any(p[t] * inv, vb + t * v_stride, yr, D);
+  }
+}
+
+#ifdef MLXL_X86
+// attend_head for the `group` query heads at q0 (D floats apart) that share
+// one kv head, into y0 (the same layout): per head the same operations in
+// the same order (the same bits), 3-4x faster (the heads share each key
+// load, no call per key, outputs kept in registers). D is a multiple of 8;
+// p: scratch of group rows of p_stride >= n floats.
+TARGET_AVX2 void attend_group_avx2(const float* q0, const float* kb, int64_t k_stride, const float* vb,
+                                   int64_t v_stride, int n, int group, int D, float scale, float* p,
+                                   int64_t p_stride, float* y0) {
+  float s[4];
+  for (int t = 0; t < n; ++t) {
+    const float* kt = kb + t * k_stride;
+    int h = 0;
+    for (; h + 4 <= group; h += 4) {
+      dots_avx2<4>(q0 + h * D, D, kt, D, s);
+      for (int i = 0; i < 4; ++i) {
+        p[(h + i) * p_stride + t] = s[i] * scale;
+      }
+    }
+    for (; h < group; ++h) {
+      dots_avx2<1>(q0 + h * D, D, kt, D, s);
+      p[h * p_stride + t] = s[0] * scale;
+    }
+  }
+  for (int h = 0; h < group; ++h) {
+    float* ph = p + h * p_stride;
+    float m = -INFINITY;
+    for (int t = 0; t < n; ++t) {
+      m = std::max(m, ph[t]);
+    }
+    const float inv = 1.f / exp_sub_sum_any(ph, n, m);
+    for (int t = 0; t < n; ++t) {
+      ph[t] *= inv;
+    }
+    weighted_sum_avx2(ph, vb, v_stride, n, D, y0 + h * D);
+  }
+}
+#endif
+
 // f(i0, i1) over [0, n) in pool tasks of `per_task` items (parallel_for runs
 // a single task inline).
 template <typename F>
@@ -220,6 +276,38 @@ void for_ranges(int64_t n, int64_t per_task, F&& f) {
 
 // Rows per pool task for row-wise ops: enough work to pay for a hand-off.
 constexpr int64_t kRowsPerTask = 16;
+
+// cos (c[0, D/2)) and sin (c[D/2, D)) of the angles pos / periods[i]: the
+// angle in float32 as MLX forms it, the trigonometry in double.
+void rope_table(float pos, const float* periods, int half, float* c) {
+  for (int i = 0; i < half; ++i) {
+    const float ang = pos * (1.f / periods[i]);
+    c[i] = static_cast<float>(std::cos(double(ang)));
+    c[half + i] = static_cast<float>(std::sin(double(ang)));
+  }
+}
+
+// y = RoPE(x) for `rows` rows of H heads of D floats, row r rotated by the
+// cos/sin table cs + table_of(r) * D (rope_table's layout).
+template <typename TableOf>
+void rope_apply(const float* xp, float* y, int64_t rows, int H, int D, const float* cs, TableOf table_of) {
+  const int half = D / 2;
+  for_ranges(rows, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* c = cs + size_t(table_of(r)) * D;
+      const float* sn = c + half;
+      for (int h = 0; h < H; ++h) {
+        const float* xr = xp + (r * H + h) * D;
+        float* yr = y + (r * H + h) * D;
+        for (int i = 0; i < half; ++i) {
+          const float x1 = xr[i], x2 = xr[i + half];
+          yr[i] = x1 * c[i] - x2 * sn[i];
+          yr[i + half] = x1 * sn[i] + x2 * c[i];
+        }
+      }
+    }
+  });
+}
 
 void check_float32_cpu(const mx::array& a, const char* what, const mx::Stream& s) {
   require_cpu_stream(s, what, "mx.fast");
@@ -297,18 +385,22 @@ bool RMSNormCPU::is_equivalent(const mx::Primitive& other) const {
 // RoPE
 // ---------------------------------------------------------------------------
 
+static void check_rope_args(const mx::array& x, const mx::array& periods, const char* what, const mx::Stream& s) {
+  check_float32_cpu(x, what, s);
+  if (x.ndim() != 4 || x.shape(-1) % 2 != 0 || periods.ndim() != 1 ||
+      periods.shape(0) * 2 != x.shape(-1)) {
+    throw std::invalid_argument(std::string("[mlx_llama.") + what +
+                                "] x must be (B, L, H, D) with D even and periods (D/2,)");
+  }
+}
+
 mx::array rope(
     const mx::array& x,
     int offset,
     const mx::array& periods,
     mx::StreamOrDevice s_) {
   auto s = mx::to_stream(s_);
-  check_float32_cpu(x, "rope", s);
-  if (x.ndim() != 4 || x.shape(-1) % 2 != 0 || periods.ndim() != 1 ||
-      periods.shape(0) * 2 != x.shape(-1)) {
-    throw std::invalid_argument(
-        "[mlx_llama.rope] x must be (B, L, H, D) with D even and periods (D/2,)");
-  }
+  check_rope_args(x, periods, "rope", s);
   return mx::array(
       x.shape(),
       mx::float32,
@@ -327,33 +419,11 @@ void RoPECPU::eval_cpu(
     std::vector<float> scratch;
     const float* xp = row_major_f32(x, scratch);
     const int B = x.shape(0), L = x.shape(1), H = x.shape(2), D = x.shape(3);
-    const int half = D / 2;
-    // cos/sin per position and pair: the angle in float32 as MLX forms it,
-    // the trigonometry in double.
     std::vector<float> cs(size_t(L) * D);
     for (int l = 0; l < L; ++l) {
-      const float pos = static_cast<float>(offset + l);
-      for (int i = 0; i < half; ++i) {
-        const float ang = pos * (1.f / periods[i]);
-        cs[size_t(l) * D + i] = static_cast<float>(std::cos(double(ang)));
-        cs[size_t(l) * D + half + i] = static_cast<float>(std::sin(double(ang)));
-      }
+      rope_table(static_cast<float>(offset + l), periods, D / 2, cs.data() + size_t(l) * D);
     }
-    for_ranges(B * L, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* c = cs.data() + size_t(r % L) * D;
-        const float* sn = c + half;
-        for (int h = 0; h < H; ++h) {
-          const float* xr = xp + (int64_t(r) * H + h) * D;
-          float* yr = y + (int64_t(r) * H + h) * D;
-          for (int i = 0; i < half; ++i) {
-            const float x1 = xr[i], x2 = xr[i + half];
-            yr[i] = x1 * c[i] - x2 * sn[i];
-            yr[i + half] = x1 * sn[i] + x2 * c[i];
-          }
-        }
-      }
-    });
+    rope_apply(xp, y, int64_t(B) * L, H, D, cs.data(), [L](int64_t r) { return r % L; });
   });
 }
 
@@ -364,6 +434,49 @@ void RoPECPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
 bool RoPECPU::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const RoPECPU*>(&other);
   return o && o->offset_ == offset_;
+}
+
+mx::array rope_rows(
+    const mx::array& x,
+    const mx::array& positions,
+    const mx::array& periods,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  check_rope_args(x, periods, "rope_rows", s);
+  if (positions.dtype() != mx::int32 || positions.ndim() != 1 ||
+      positions.shape(0) != x.shape(0) * x.shape(1)) {
+    throw std::invalid_argument(
+        "[mlx_llama.rope_rows] positions must be int32 of shape (B * L,) for x (B, L, H, D)");
+  }
+  return mx::array(
+      x.shape(),
+      mx::float32,
+      std::make_shared<RoPERowsCPU>(s),
+      {x, contiguous_if_needed(positions, s), as_f32_contiguous(periods, s)});
+}
+
+void RoPERowsCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {1, 2});
+  enc.dispatch([x = inputs[0],
+                positions = inputs[1].data<int32_t>(),
+                periods = inputs[2].data<float>(),
+                y = outputs[0].data<float>()]() {
+    std::vector<float> scratch;
+    const float* xp = row_major_f32(x, scratch);
+    const int64_t rows = int64_t(x.shape(0)) * x.shape(1);
+    const int H = x.shape(2), D = x.shape(3);
+    std::vector<float> cs(size_t(rows) * D);
+    for (int64_t r = 0; r < rows; ++r) {
+      rope_table(static_cast<float>(positions[r]), periods, D / 2, cs.data() + size_t(r) * D);
+    }
+    rope_apply(xp, y, rows, H, D, cs.data(), [](int64_t r) { return r; });
+  });
+}
+
+void RoPERowsCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("rope_rows");
 }
 
 // ---------------------------------------------------------------------------
@@ -403,6 +516,31 @@ void SwiGLUCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
 // ---------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------
+
+namespace {
+
+// k and v (B, Hkv, T, D) as pointers and (B, Hkv, T) strides. The cache
+// hands views of its buffers: any strides along B, H and T are read in
+// place, but D must be unit-stride (else row-major copies in ks, vs).
+struct KVView {
+  const float* k;
+  const float* v;
+  std::array<int64_t, 3> k_strides, v_strides;
+};
+
+KVView kv_view(const mx::array& k, const mx::array& v, std::vector<float>& ks, std::vector<float>& vs) {
+  const bool direct = k.strides()[3] == 1 && v.strides()[3] == 1;
+  auto strides = [&](const mx::array& a) -> std::array<int64_t, 3> {
+    if (direct) {
+      return {a.strides()[0], a.strides()[1], a.strides()[2]};
+    }
+    return {int64_t(a.shape(1)) * a.shape(2) * a.shape(3), int64_t(a.shape(2)) * a.shape(3), a.shape(3)};
+  };
+  return {direct ? k.data<float>() : row_major_f32(k, ks), direct ? v.data<float>() : row_major_f32(v, vs),
+          strides(k), strides(v)};
+}
+
+} // namespace
 
 mx::array attention(
     const mx::array& q,
@@ -450,20 +588,9 @@ void AttentionCPU::eval_cpu(
                 causal = causal_]() {
     std::vector<float> qs, ks, vs;
     const float* qp = row_major_f32(q, qs);
-    // The cache hands views of its buffers: any strides along B, H and T,
-    // but D must be unit-stride to be read in place.
-    const bool kv_direct = k.strides()[3] == 1 && v.strides()[3] == 1;
-    const float* kp = kv_direct ? k.data<float>() : row_major_f32(k, ks);
-    const float* vp = kv_direct ? v.data<float>() : row_major_f32(v, vs);
-    auto strides = [&](const mx::array& a) -> std::array<int64_t, 3> {
-      if (kv_direct) {
-        return {a.strides()[0], a.strides()[1], a.strides()[2]};
-      }
-      return {int64_t(a.shape(1)) * a.shape(2) * a.shape(3),
-              int64_t(a.shape(2)) * a.shape(3),
-              a.shape(3)};
-    };
-    const auto kst = strides(k), vst = strides(v);
+    const KVView kv = kv_view(k, v, ks, vs);
+    const float *kp = kv.k, *vp = kv.v;
+    const auto &kst = kv.k_strides, &vst = kv.v_strides;
     const int B = q.shape(0), L = q.shape(1), H = q.shape(2), D = q.shape(3);
     const int Hkv = k.shape(1), T = k.shape(2);
     const int group = H / Hkv;
@@ -478,36 +605,10 @@ void AttentionCPU::eval_cpu(
         const float* kb = kp + b * kst[0] + kh * kst[1];
         const float* vb = vp + b * vst[0] + kh * vst[1];
         std::vector<float> p(size_t(group) * T);
-        float s[4];
         for (int l = 0; l < L; ++l) {
-          const int n = causal ? T - L + l + 1 : T;
-          const float* q0 = qp + ((int64_t(b) * L + l) * H + kh * group) * D;
-          for (int t = 0; t < n; ++t) {
-            const float* kt = kb + t * kst[2];
-            int h = 0;
-            for (; h + 4 <= group; h += 4) {
-              dots_avx2<4>(q0 + h * D, D, kt, D, s);
-              for (int i = 0; i < 4; ++i) {
-                p[size_t(h + i) * T + t] = s[i] * scale;
-              }
-            }
-            for (; h < group; ++h) {
-              dots_avx2<1>(q0 + h * D, D, kt, D, s);
-              p[size_t(h) * T + t] = s[0] * scale;
-            }
-          }
-          for (int h = 0; h < group; ++h) {
-            float* ph = p.data() + size_t(h) * T;
-            float m = -INFINITY;
-            for (int t = 0; t < n; ++t) {
-              m = std::max(m, ph[t]);
-            }
-            const float inv = 1.f / exp_sub_sum_any(ph, n, m);
-            for (int t = 0; t < n; ++t) {
-              ph[t] *= inv;
-            }
-            weighted_sum_avx2(ph, vb, vst[2], n, D, y + ((int64_t(b) * L + l) * H + kh * group + h) * D);
-          }
+          const int64_t row = (int64_t(b) * L + l) * H + kh * group;
+          attend_group_avx2(qp + row * D, kb, kst[2], vb, vst[2], causal ? T - L + l + 1 : T,
+                            group, D, scale, p.data(), T, y + row * D);
         }
       });
       return;
@@ -519,19 +620,9 @@ void AttentionCPU::eval_cpu(
       const float* vb = vp + b * vst[0] + kh * vst[1];
       std::vector<float> p(T);
       for (int l = 0; l < L; ++l) {
-        const int n = causal ? T - L + l + 1 : T;
-        const float* qr = qp + ((int64_t(b) * L + l) * H + h) * D;
-        float* yr = y + ((int64_t(b) * L + l) * H + h) * D;
-        float m = -INFINITY;
-        for (int t = 0; t < n; ++t) {
-          p[t] = dot_f32(qr, kb + t * kst[2], D) * scale;
-          m = std::max(m, p[t]);
-        }
-        const float inv = 1.f / exp_sub_sum_any(p.data(), n, m);
-        std::fill(yr, yr + D, 0.f);
-        for (int t = 0; t < n; ++t) {
-          axpy_any(p[t] * inv, vb + t * vst[2], yr, D);
-        }
+        const int64_t row = (int64_t(b) * L + l) * H + h;
+        attend_head(qp + row * D, kb, kst[2], vb, vst[2], causal ? T - L + l + 1 : T, D, scale,
+                    p.data(), y + row * D);
       }
     });
   });
@@ -544,6 +635,91 @@ void AttentionCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array
 bool AttentionCPU::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const AttentionCPU*>(&other);
   return o && o->scale_ == scale_ && o->causal_ == causal_;
+}
+
+mx::array attention_rows(
+    const mx::array& q,
+    const std::vector<mx::array>& kv,
+    float scale,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  check_float32_cpu(q, "attention_rows", s);
+  if (q.ndim() != 4 || q.shape(0) != 1) {
+    throw std::invalid_argument("[mlx_llama.attention_rows] q must be (1, N, H, D)");
+  }
+  const int N = q.shape(1), H = q.shape(2), D = q.shape(3);
+  if (kv.size() != size_t(2) * N) {
+    throw std::invalid_argument(
+        "[mlx_llama.attention_rows] needs a key and a value array per query row");
+  }
+  for (size_t i = 0; i < kv.size(); i += 2) {
+    const mx::array &k = kv[i], &v = kv[i + 1];
+    check_float32_cpu(k, "attention_rows", s);
+    check_float32_cpu(v, "attention_rows", s);
+    if (k.ndim() != 4 || k.shape() != v.shape() || k.shape(0) != 1 || k.shape(1) != kv[0].shape(1) ||
+        k.shape(2) < 1 || k.shape(3) != D || H % k.shape(1) != 0) {
+      std::ostringstream msg;
+      msg << "[mlx_llama.attention_rows] row " << i / 2 << ": q (1, N, H, D) and k, v "
+             "(1, Hkv, T, D) do not match: q " << q.shape() << ", k " << k.shape() << ", v " << v.shape();
+      throw std::invalid_argument(msg.str());
+    }
+  }
+  std::vector<mx::array> inputs{q};
+  inputs.insert(inputs.end(), kv.begin(), kv.end());
+  return mx::array({1, N, H, D}, mx::float32, std::make_shared<AttentionRowsCPU>(s, scale), inputs);
+}
+
+void AttentionRowsCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {});
+  enc.dispatch([inputs, y = outputs[0].data<float>(), scale = scale_]() {
+    const mx::array& q = inputs[0];
+    std::vector<float> qs;
+    const float* qp = row_major_f32(q, qs);
+    const int N = q.shape(1), H = q.shape(2), D = q.shape(3);
+    const int Hkv = inputs[1].shape(1), group = H / Hkv;
+    std::vector<std::vector<float>> scratch(size_t(2) * N);
+    std::vector<KVView> views;
+    views.reserve(N);
+    for (int i = 0; i < N; ++i) {
+      views.push_back(kv_view(inputs[1 + 2 * i], inputs[2 + 2 * i], scratch[2 * i], scratch[2 * i + 1]));
+    }
+    // Per row exactly attention()'s work for its (1, 1, H, D) query: one task
+    // per (row, kv head) as its tasks are per (batch, kv head).
+#ifdef MLXL_X86
+    if (cpu_has_avx2() && D % 8 == 0) {
+      ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
+        const int i = task / Hkv, kh = task % Hkv;
+        const KVView& kv = views[i];
+        const int T = inputs[1 + 2 * i].shape(2);
+        std::vector<float> p(size_t(group) * T);
+        const int64_t row = int64_t(i) * H + kh * group;
+        attend_group_avx2(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
+                          kv.v_strides[2], T, group, D, scale, p.data(), T, y + row * D);
+      });
+      return;
+    }
+#endif
+    ThreadPool::instance().parallel_for(N * H, [&](int task, int) {
+      const int i = task / H, h = task % H, kh = h / group;
+      const KVView& kv = views[i];
+      const int T = inputs[1 + 2 * i].shape(2);
+      std::vector<float> p(T);
+      const int64_t row = int64_t(i) * H + h;
+      attend_head(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
+                  kv.v_strides[2], T, D, scale, p.data(), y + row * D);
+    });
+  });
+}
+
+void AttentionRowsCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("attention_rows");
+}
+
+bool AttentionRowsCPU::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const AttentionRowsCPU*>(&other);
+  return o && o->scale_ == scale_;
 }
 
 } // namespace mlx_llama

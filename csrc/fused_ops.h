@@ -9,6 +9,8 @@
 // elsewhere.
 #pragma once
 
+#include <vector>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -32,6 +34,16 @@ mx::array rope(
     const mx::array& periods,
     mx::StreamOrDevice s = {});
 
+// The same RoPE with a position per row: row r of x's B * L rows (b, l)
+// rotated for positions[r] (int32, B * L entries). A row gets the bits rope()
+// gives it at offset + l == positions[r], so one call covers the rows of many
+// sequences at their own positions (the batched engine's packed step).
+mx::array rope_rows(
+    const mx::array& x,
+    const mx::array& positions,
+    const mx::array& periods,
+    mx::StreamOrDevice s = {});
+
 // silu(gate) * up, elementwise in float32.
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 
@@ -44,6 +56,17 @@ mx::array attention(
     const mx::array& v,
     float scale,
     bool causal,
+    mx::StreamOrDevice s = {});
+
+// Attention of N query rows, each over its own keys: q (1, N, H, D) and
+// kv = {k_0, v_0, ..., k_{N-1}, v_{N-1}} with k_i, v_i (1, Hkv, T_i, D) (any
+// strides; T_i may differ). Row i gets the bits attention(q[:, i:i+1], k_i,
+// v_i, scale, false) gives it: one call for every decode row of a packed
+// step instead of one per sequence. Returns (1, N, H, D).
+mx::array attention_rows(
+    const mx::array& q,
+    const std::vector<mx::array>& kv,
+    float scale,
     mx::StreamOrDevice s = {});
 
 class RMSNormCPU : public mx::Primitive {
@@ -76,6 +99,20 @@ class RoPECPU : public mx::Primitive {
   int offset_;
 };
 
+class RoPERowsCPU : public mx::Primitive {
+ public:
+  explicit RoPERowsCPU(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  const char* name() const override {
+    return "MlxLlamaRoPERows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const RoPERowsCPU*>(&other) != nullptr;
+  }
+};
+
 class SwiGLUCPU : public mx::Primitive {
  public:
   explicit SwiGLUCPU(mx::Stream stream) : mx::Primitive(stream) {}
@@ -105,6 +142,21 @@ class AttentionCPU : public mx::Primitive {
  private:
   float scale_;
   bool causal_;
+};
+
+class AttentionRowsCPU : public mx::Primitive {
+ public:
+  AttentionRowsCPU(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  const char* name() const override {
+    return "MlxLlamaAttentionRows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
 };
 
 } // namespace mlx_llama

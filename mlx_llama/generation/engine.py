@@ -6,12 +6,17 @@ keeps its own per-layer caches (`KVCache`, or `RotatingKVCache` with
 sequence's new tokens — one for a decoding sequence, a prefill chunk for one
 that is still reading its prompt — into a single (1, N, hidden) activation, so
 each projection and MLP matmul is ONE call over all N rows
-(`Model.forward_packed`), while RoPE and attention run per sequence on its own
-rows and cache.  There is no padding and no cross-sequence mask.
+(`Model.forward_packed`), and so, with the extension's CPU ops, are RoPE (a
+position per row) and the decoding rows' attention (row i over its own
+sequence's cache, `ops.attention_rows`); a prefill chunk attends on its own
+(causal or rotating-window mask), and each cache takes its own rows' keys and
+values.  Elsewhere (Metal, no extension) RoPE and attention run per sequence.
+There is no padding and no cross-sequence mask.
 
 Batch invariance.  A row's logits depend on its batch-mates only through how
 the matmul kernels treat M (the number of rows): norms, SwiGLU, RoPE and
-attention are per row / per sequence, a sequence's prefill chunks are cut at
+attention compute each row as it would alone (the batched RoPE and attention
+give every row the per-sequence ops' bits; tests/test_row_ops.py), a sequence's prefill chunks are cut at
 fixed multiples of `prefill_chunk` of its own positions (never by what else
 runs), and sampling is per row in NumPy with the request's own RNG
 (`RowSampler`).  So the engine is bit-for-bit batch-invariant exactly when the
@@ -270,8 +275,9 @@ class Engine:
     def _plan(self) -> tuple[list[tuple[int, list[KVCache]]], list[int], list[int], list[_Sequence]]:
         """This step's segments, packed tokens, logits rows and the sequences those rows sample.
 
-        Decoding sequences add one row each; prefilling ones, in admission
-        order, add whole chunks while the step's prefill budget lasts (one
+        Decoding sequences add one row each, first (consecutive one-row
+        segments attend in one call: `Attention.packed`); prefilling ones, in
+        admission order, add whole chunks while the step's prefill budget lasts (one
         segment per chunk, so a chunk computes exactly as it would in a step of
         its own).  A chunk that does not fit is never cut: a later, shorter
         one may still take the room.
@@ -279,13 +285,12 @@ class Engine:
         c = self.config
         segments, tokens, rows, sampled = [], [], [], []
         prefill_left = self._prefill_budget()
-        for seq in self._running:
-            if not seq.prefilling:
-                tokens.append(seq.generated[-1])
-                segments.append((1, seq.cache))
-                rows.append(len(tokens) - 1)
-                sampled.append(seq)
-                continue
+        for seq in [s for s in self._running if not s.prefilling]:
+            tokens.append(seq.generated[-1])
+            segments.append((1, seq.cache))
+            rows.append(len(tokens) - 1)
+            sampled.append(seq)
+        for seq in [s for s in self._running if s.prefilling]:
             while seq.prefilling:
                 end = min(len(seq.prompt), (seq.fed // c.prefill_chunk + 1) * c.prefill_chunk)
                 n = end - seq.fed

@@ -46,6 +46,40 @@ def rope(x: mx.array, offset: int, periods: mx.array) -> mx.array:
     return y.transpose(0, 2, 1, 3)
 
 
+def has_row_ops(dtype: mx.Dtype) -> bool:
+    """Whether `rope_rows` and `attention_rows` run for activations of `dtype` (the extension's CPU ops).
+
+    Elsewhere callers keep one `rope` and `attention` call per sequence:
+    mx.fast has no per-row positions nor per-row key sets.
+    """
+    return _ext() is not None and dtype == mx.float32
+
+
+def rope_rows(x: mx.array, positions: mx.array, periods: mx.array) -> mx.array:
+    """`rope` with a position per row: row r of x's B * L rows at positions[r] (int32).
+
+    Row r gets the bits `rope` gives it at the same position.  Only where `has_row_ops`.
+    """
+    return _row_ops().rope_rows(x, positions, periods)
+
+
+def attention_rows(q: mx.array, keys: list[mx.array], values: list[mx.array], scale: float) -> mx.array:
+    """Row i of q (1, N, H, D) attends to keys[i], values[i] (1, Hkv, T_i, D) → (1, N, H, D).
+
+    Row i gets the bits `attention(q[:, i:i+1], keys[i], values[i], scale, None)`
+    gives it, in one graph node for all rows.  Only where `has_row_ops`.
+    """
+    kv = [a for pair in zip(keys, values) for a in pair]
+    return _row_ops().attention_rows(q, kv, scale=scale)
+
+
+def _row_ops() -> Any:
+    ext = _ext()
+    if ext is None:
+        raise RuntimeError("the per-row RoPE and attention need the extension's CPU ops (check has_row_ops)")
+    return ext
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up."""
     ext = _ext()

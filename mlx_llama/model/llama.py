@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_llama.kernels import ops as fused
 from mlx_llama.kernels import extension
@@ -49,16 +50,38 @@ class Attention(nn.Module):
         q, k, v = self._project(x)
         return self.o_proj(self._attend(q, k, v, mask, cache))
 
-    def packed(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+    def packed(self, x: mx.array, spans: Sequence[Span], positions: mx.array) -> mx.array:
         """Attention for several sequences packed along L of x (1, N, hidden).
 
-        The projections run once over all N rows; RoPE, the cache update and
-        attention run per span on that sequence's rows and cache alone.
+        The projections run once over all N rows; each row is rotated for its
+        own position (`positions`, int32 (N,)), and the cache update and
+        attention run on each sequence's rows and cache alone.  Where the
+        extension's row ops apply, RoPE is one call over all N rows and each
+        run of consecutive one-row spans (decoding sequences) one attention
+        call, with the bits the per-span calls give.
         """
         q, k, v = self._project(x)
-        outs = [self._attend(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache)
-                for s, n, cache, mask in spans]
+        if fused.has_row_ops(q.dtype):
+            outs = self._attend_runs(q, k, v, spans, positions)
+        else:
+            outs = [self._attend(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache)
+                    for s, n, cache, mask in spans]
         return self.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
+
+    def _attend_runs(self, q: mx.array, k: mx.array, v: mx.array, spans: Sequence[Span],
+                     positions: mx.array) -> list[mx.array]:
+        """`packed` with the row ops: one RoPE over all rows, then per run of spans (`_runs`)."""
+        q, k = self.rope.rows(q, positions), self.rope.rows(k, positions)
+        N = q.shape[1]
+        outs = []
+        for run in _runs(spans):
+            s, n, cache, mask = run[0]
+            if n > 1:  # a prefill chunk: its own causal (or rotating-window) attention
+                outs.append(self._attend_rotated(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, cache))
+            else:
+                outs.append(self._attend_rows(_rows(q, s, len(run), N), _rows(k, s, len(run), N),
+                                              _rows(v, s, len(run), N), [span[2] for span in run]))
+        return outs
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q, k, v as (B, L, heads, head_dim)."""
@@ -72,16 +95,62 @@ class Attention(nn.Module):
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
         """RoPE at the cache's offset, cache update, attention → (B, L, heads * head_dim)."""
+        offset = cache.offset if cache is not None else 0
+        return self._attend_rotated(self.rope(q, offset), self.rope(k, offset), v, mask, cache)
+
+    def _attend_rotated(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
+        """Cache update and attention of rotated q, k → (B, L, heads * head_dim)."""
         B, L = q.shape[:2]
         # The cache stores (B, kv_heads, T, head_dim).
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset)
-        k = self.rope(k, offset).transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA: kv heads are shared by n_heads // n_kv_heads queries.
         return fused.attention(q, k, v, self.scale, mask).reshape(B, L, -1)
+
+    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence[Any]) -> mx.array:
+        """One row per cache (rotated q, k (1, n, heads, head_dim)): each cache takes its row's
+        key and value, then one attention call over all n rows → (1, n, heads * head_dim)."""
+        # (1, kv_heads, n, head_dim), split into the rows' (1, kv_heads, 1, head_dim) a cache stores.
+        n = len(caches)
+        k_rows, v_rows = _split_rows(k.transpose(0, 2, 1, 3)), _split_rows(v.transpose(0, 2, 1, 3))
+        fetched = [cache.update_and_fetch(kj, vj) for cache, kj, vj in zip(caches, k_rows, v_rows)]
+        keys, values = [kv[0] for kv in fetched], [kv[1] for kv in fetched]
+        return fused.attention_rows(q, keys, values, self.scale).reshape(1, n, -1)
+
+
+def _runs(spans: Sequence[Span]) -> list[list[Span]]:
+    """`spans` in order, grouped: each multi-row span alone, consecutive one-row spans together.
+
+    A one-row span is a decoding sequence or a one-token prompt chunk: either way its one query
+    sees every key its cache returns (no mask), so they share one attention call."""
+    runs: list[list[Span]] = []
+    for span in spans:
+        if span[1] == 1 and runs and runs[-1][0][1] == 1:
+            runs[-1].append(span)
+        else:
+            runs.append([span])
+    return runs
+
+
+_SPLIT_MAX = 10  # MLX makes one Split node for up to this many parts, one Slice node per part beyond
+
+
+def _split_rows(a: mx.array) -> list[mx.array]:
+    """a (1, H, n, D) as n arrays (1, H, 1, D), in Split nodes of at most `_SPLIT_MAX` parts
+    (about n / 9 nodes, where slicing would make n)."""
+    n = a.shape[2]
+    if n == 1:
+        return [a]
+    if n <= _SPLIT_MAX:
+        return mx.split(a, n, axis=2)
+    groups = mx.split(a, list(range(_SPLIT_MAX, n, _SPLIT_MAX)), axis=2)
+    return [row for g in groups for row in _split_rows(g)]
+
+
+def _rows(a: mx.array, start: int, n: int, total: int) -> mx.array:
+    """Rows [start, start + n) of a (1, total, ...), without a slice node when that is all of them."""
+    return a if (start, n) == (0, total) else a[:, start : start + n]
 
 
 class MLP(nn.Module):
@@ -111,8 +180,8 @@ class DecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def packed(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
-        h = x + self.self_attn.packed(self.input_layernorm(x), spans)
+    def packed(self, x: mx.array, spans: Sequence[Span], positions: mx.array) -> mx.array:
+        h = x + self.self_attn.packed(self.input_layernorm(x), spans, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -175,7 +244,9 @@ class Model(nn.Module):
 
         `tokens` (1, N) concatenates each segment's tokens; segment (L, cache)
         continues its own per-layer caches.  Every matmul runs once over the N
-        rows, RoPE and attention per segment (Attention.packed), so a row's
+        rows, and so do RoPE and the decode rows' attention where the extension
+        has row ops; attention is per segment otherwise (Attention.packed), and
+        each row computes as it would alone, so a row's
         result depends on its batch-mates only through the matmul kernels'
         treatment of M (see mlx_llama.generation.engine).  `rows` index the N.
         """
@@ -215,12 +286,17 @@ def packed_layers(layers: Sequence[DecoderLayer], h: mx.array,
                   segments: Sequence[tuple[int, Sequence[Any]]]) -> mx.array:
     """`layers` over several sequences packed along L of `h` (1, N, hidden): segment (L, cache)
     continues its own per-layer caches (`cache[i]` for `layers[i]`), as `Model.forward_packed` runs them."""
-    spans, start = [], 0
+    spans, start, positions = [], 0, []
+    offsets: dict[int, int] = {}  # a sequence's next position: several chunks of one prompt may join a step
     for n, cache in segments:
         spans.append((start, n, cache, cache[0].make_mask(n)))
+        offset = offsets.get(id(cache), cache[0].offset)
+        positions.append(np.arange(offset, offset + n, dtype=np.int32))
+        offsets[id(cache)] = offset + n
         start += n
+    row_positions = mx.array(np.concatenate(positions))
     for i, layer in enumerate(layers):
-        h = layer.packed(h, [(s, n, cache[i], mask) for s, n, cache, mask in spans])
+        h = layer.packed(h, [(s, n, cache[i], mask) for s, n, cache, mask in spans], row_positions)
     return h
 
 

@@ -39,3 +39,8 @@ class RoPE(nn.Module):
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         """Rotate x (B, L, heads, head_dim) for positions offset + l."""
         return fused.rope(x, offset, self._freqs)
+
+    def rows(self, x: mx.array, positions: mx.array) -> mx.array:
+        """Rotate x (B, L, heads, head_dim), row r of its B * L rows for positions[r] (int32);
+        only where `fused.has_row_ops` (the same bits as `__call__` at the same positions)."""
+        return fused.rope_rows(x, positions, self._freqs)

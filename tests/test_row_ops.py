@@ -1,0 +1,172 @@
+"""The per-row RoPE and attention ops of a packed step equal the per-sequence ops bit for bit.
+
+`rope_rows` (a position per row) and `attention_rows` (row i over its own
+keys) replace one `rope` and one `attention` call per sequence in
+`Attention.packed`; batch invariance and the engine's agreement with the
+single-sequence loop rest on their giving each row the same bits.  Checked
+op by op (GQA group sizes with and without a remainder of the 4-head
+blocks, the generic path for D not a multiple of 8, cache views and
+copies, varying T_i, 1 and 2 threads) and through the model (rotating
+caches that wrapped at different steps, decode rows mixed with prefill
+chunks, two chunks of one prompt in one step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llama.convert import convert
+from mlx_llama.kernels import extension
+from mlx_llama.kernels import ops
+from mlx_llama.loader import load_model
+from mlx_llama.model.llama import Model, _split_rows
+
+ext = extension.module()
+pytestmark = pytest.mark.skipif(ext is None, reason="C++ extension not built")
+
+
+@pytest.fixture(autouse=True)
+def _cpu() -> Iterator[None]:
+    with mx.stream(mx.cpu):
+        yield
+
+
+THREADS = (1, 2)  # kernel threads each op check runs with: tasks are split differently
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    before = ext.num_threads()
+    yield
+    ext.set_num_threads(before)
+
+
+def bits(a: mx.array) -> np.ndarray:
+    return np.array(a).view(np.uint32)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_rope_rows_rotates_each_row_as_rope_does_at_its_position(threads: int) -> None:
+    ext.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    D = 64
+    periods = mx.array(rng.uniform(1.0, 5e5, D // 2).astype(np.float32))
+    # A strided view, as the fused q/k/v projection's split hands it over.
+    fused_out = mx.array(rng.standard_normal((1, 9, 5 * D)).astype(np.float32))
+    x = fused_out[..., D : 4 * D].reshape(1, 9, 3, D)
+    positions = np.array([0, 7, 1, 130000, 33, 34, 35, 2, 4095], dtype=np.int32)
+    y = ext.rope_rows(x, mx.array(positions), periods)
+    for r, p in enumerate(positions):
+        assert (bits(y[:, r : r + 1]) == bits(ext.rope(x[:, r : r + 1], int(p), periods))).all(), r
+    # (B, L) rows in row-major order: row (b, l) is row b * L + l.
+    x2 = x.reshape(3, 3, 3, D)
+    y2 = ext.rope_rows(x2, mx.array(np.arange(9, dtype=np.int32) + 5), periods)
+    assert (bits(y2[1]) == bits(ext.rope(x2[1:2], 8, periods)[0])).all()
+
+
+def cache_view(rng: np.random.Generator, hkv: int, T: int, D: int, layout: str) -> mx.array:
+    """(1, hkv, T, D) keys as the caches hand them: a view of a larger buffer, or with a strided D."""
+    if layout == "view":
+        buf = mx.array(rng.standard_normal((1, hkv, T + 40, D)).astype(np.float32))
+        return buf[..., :T, :]
+    return mx.array(rng.standard_normal((1, hkv, D, T)).astype(np.float32)).transpose(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("H", "Hkv", "D"),
+    [(8, 2, 64), (6, 2, 64), (4, 4, 16), (4, 2, 12)],
+    ids=["gqa4", "gqa3", "mha", "generic-d12"],
+)
+@pytest.mark.parametrize("layout", ["view", "strided-d"])
+@pytest.mark.parametrize("threads", THREADS)
+def test_attention_rows_attends_each_row_as_attention_does(threads: int, H: int, Hkv: int, D: int,
+                                                           layout: str) -> None:
+    ext.set_num_threads(threads)
+    rng = np.random.default_rng(H * 100 + D)
+    lengths = [1, 3, 17, 64, 200, 9]
+    q = mx.array(rng.standard_normal((1, len(lengths), H, D)).astype(np.float32))
+    keys = [cache_view(rng, Hkv, T, D, layout) for T in lengths]
+    values = [cache_view(rng, Hkv, T, D, layout) for T in lengths]
+    scale = D**-0.5
+    y = ops.attention_rows(q, keys, values, scale)
+    for i in range(len(lengths)):
+        alone = ext.attention(q[:, i : i + 1], keys[i], values[i], scale=scale, causal=False)
+        assert (bits(y[:, i : i + 1]) == bits(alone)).all(), i
+
+
+def test_attention_rows_refuses_mismatched_inputs() -> None:
+    q = mx.zeros((1, 2, 4, 16))
+    k = mx.zeros((1, 2, 5, 16))
+    with pytest.raises(ValueError, match="a key and a value array per query row"):
+        ops.attention_rows(q, [k], [k], 0.25)
+    with pytest.raises(ValueError, match="row 1"):
+        ops.attention_rows(q, [k, k], [k, mx.zeros((1, 2, 6, 16))], 0.25)
+
+
+@pytest.fixture(scope="module")
+def qmodel(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Model:
+    out = tmp_path_factory.mktemp("q4") / "model"
+    convert(make_checkpoint(), out, bits=4, group_size=32, log=lambda _: None)
+    return load_model(out, "float32")
+
+
+def run_packed_steps(model: Model, max_kv_size: int | None) -> list[np.ndarray]:
+    """Logits of a fixed schedule of packed steps: prompts of different lengths, then decode
+    steps that a late prompt joins with two chunks; rotating caches wrap at different steps."""
+    rng = np.random.default_rng(7)
+    prompts = [list(map(int, rng.integers(3, 256, size=n))) for n in (3, 9, 14, 20, 11)]
+
+    def fresh() -> list:
+        return model.make_cache(max_kv_size, keep=2)
+
+    caches = [fresh() for _ in prompts]
+    late = len(prompts) - 1  # joins the decode rows at step 2
+    active = list(range(late))  # the sequences whose rows the logits are, in row order
+    segments = [(len(prompts[i]), caches[i]) for i in active]
+    tokens = [t for i in active for t in prompts[i]]
+    rows = [int(r) for r in np.cumsum([len(prompts[i]) for i in active]) - 1]
+    step_logits = []
+    for step in range(10):
+        logits = model.forward_packed(mx.array([tokens]), segments, rows)
+        mx.eval(logits, *[c.state[0] for _, cache in segments for c in cache])
+        table = np.array(logits)
+        step_logits.append(table)
+        last = {i: int(row.argmax()) for i, row in zip(active, table)}
+        segments = [(1, caches[i]) for i in active]
+        tokens = [last[i] for i in active]
+        rows = list(range(len(active)))
+        if step == 2:  # the late prompt after the decode rows
+            if max_kv_size is None:  # two chunks of one prompt in one step: its positions continue
+                first, rest = prompts[late][:6], prompts[late][6:]
+                segments += [(len(first), caches[late]), (len(rest), caches[late])]
+            else:  # a rotating cache takes one chunk per step (its masks are made up front)
+                segments += [(len(prompts[late]), caches[late])]
+            tokens += prompts[late]
+            rows.append(len(tokens) - 1)
+            active.append(late)
+    return step_logits
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 12], ids=["growing", "rotating"])
+def test_packed_steps_are_bit_identical_with_and_without_the_row_ops(
+        qmodel: Model, max_kv_size: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ops.has_row_ops(mx.float32)
+    batched = run_packed_steps(qmodel, max_kv_size)
+    monkeypatch.setattr(ops, "has_row_ops", lambda dtype: False)
+    per_sequence = run_packed_steps(qmodel, max_kv_size)
+    assert len(batched) == len(per_sequence)
+    for step, (a, b) in enumerate(zip(batched, per_sequence)):
+        assert a.shape == b.shape and (a.view(np.uint32) == b.view(np.uint32)).all(), step
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 11, 16, 101])
+def test_split_rows_hands_each_cache_its_own_row(n: int) -> None:
+    a = np.random.default_rng(n).standard_normal((1, 3, n, 4)).astype(np.float32)
+    rows = _split_rows(mx.array(a))
+    assert [r.shape for r in rows] == [(1, 3, 1, 4)] * n
+    assert all((np.array(r) == a[:, :, i : i + 1]).all() for i, r in enumerate(rows))
