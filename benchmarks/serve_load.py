@@ -191,16 +191,6 @@ MLX_LM_SERVER = (
 )
 
 
-def prepare_mlx_lm_float32(hf: Path, work: Path) -> Path:
-    """The HF checkpoint converted by mlx-lm to float32 weights: mlx-lm's fastest CPU setting."""
-    out = work / "mlx-lm-f32"
-    if not (out / "config.json").exists():
-        log(f"converting to float32 with mlx-lm → {out}")
-        code = f"import mlx_lm; mlx_lm.convert({str(hf)!r}, {str(out)!r}, dtype='float32')"
-        subprocess.run([sys.executable, "-c", code], check=True)
-    return out
-
-
 def start_server(name: str, weights: dict[str, Path], args: argparse.Namespace, bin_dir: Path | None,
                  work: Path) -> Server:
     port = free_port()
@@ -392,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             weights["gguf"] = batch_throughput.gguf(hf, args.work, "q4_0", bin_dir, args.threads)
 
     if "mlx-lm" in peers:
-        weights["mlx-lm"] = prepare_mlx_lm_float32(hf, args.work)
+        weights["mlx-lm"] = throughput.prepare_mlx_lm_float32(hf, args.work)
 
     rng = np.random.default_rng(args.seed)
     n_prompts = args.soak or max(args.clients) * args.requests

@@ -104,6 +104,16 @@ def prepare_mlx(hf: Path, work: Path, bits: int) -> Path:
     return out
 
 
+def prepare_mlx_lm_float32(hf: Path, work: Path) -> Path:
+    """The HF checkpoint converted by mlx-lm to float32 weights: mlx-lm's fastest CPU setting."""
+    out = work / "mlx-lm-f32"
+    if not (out / "config.json").exists():
+        log(f"converting to float32 with mlx-lm → {out}")
+        code = f"import mlx_lm; mlx_lm.convert({str(hf)!r}, {str(out)!r}, dtype='float32')"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
 def llama3_rope_factors(cfg: dict[str, Any], head_dim: int) -> Any:
     """llama.cpp's rope_freqs tensor for rope_type llama3 (as convert_hf_to_gguf writes it)."""
     import math
