@@ -3,7 +3,8 @@
 Same random weights on both sides: our 4/8-bit g64 MLX directories and the Q4_0/Q8_0 GGUFs that
 benchmarks/batch_throughput.py (or throughput.py) wrote from the same checkpoint.  Rounds
 interleave the peers (ours q4, llama.cpp Q4_0, ours q8, llama.cpp Q8_0, again), so drift in the
-host's load hits both alike; the table gives medians and ours ÷ llama.cpp.
+host's load hits both alike; the table gives medians and ours ÷ llama.cpp.  As llama-bench does, our
+tg runs from an empty context (a 1-token prompt), separately from the pp prompt.
 
     python benchmarks/vs_llama_bench.py --work benchmarks/work/batch \\
         --llama-cpp-bin DIR_WITH_llama-bench -p 512 -n 32 --rounds 2
@@ -23,11 +24,15 @@ PAIRS = [("q4", "mlx-q4", "model-q4_0.gguf"), ("q8", "mlx-q8", "model-q8_0.gguf"
 
 
 def ours(model: Path, n_prompt: int, n_gen: int, reps: int) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-m", "mlx_llama", "bench", "-m", str(model), "-p", str(n_prompt),
-                          "-n", str(n_gen), "-r", str(reps), "--json"], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    result = result[0] if isinstance(result, list) else result
-    return result["pp_tps"]["mean"], result["tg_tps"]["mean"]
+    """pp and tg as llama-bench measures them: tg from an empty context (a 1-token prompt), not after the
+    pp prompt as `mlx-llama bench -p N -n M` does (at T = N its attention reads N cached positions a token)."""
+    def bench(p: int, n: int) -> dict:
+        out = subprocess.run([sys.executable, "-m", "mlx_llama", "bench", "-m", str(model), "-p", str(p),
+                              "-n", str(n), "-r", str(reps), "--json"], capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout)
+        return result[0] if isinstance(result, list) else result
+
+    return bench(n_prompt, 2)["pp_tps"]["mean"], bench(1, n_gen + 1)["tg_tps"]["mean"]
 
 
 def llama_bench(binary: Path, gguf: Path, n_prompt: int, n_gen: int, reps: int, threads: int,
