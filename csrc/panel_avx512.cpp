@@ -628,12 +628,12 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     std::vector<int32_t> ci;
   };
   const bool interleaved = a.M > kMaxDirectRows; // Acts: panel_tile's layout
-  const size_t rows = interleaved ? size_t(ceil_div(a.M, kMaxRows)) * kMaxRows : size_t(a.M);
+  const size_t scratch_rows = interleaved ? size_t(ceil_div(a.M, kMaxRows)) * kMaxRows : size_t(a.M);
   static thread_local Scratch sc;
-  sc.xq.resize(rows * stride);
-  sc.d.resize(rows * nb);
-  sc.ci.resize(rows * nb);
-  sc.xsum.resize(rows * G);
+  sc.xq.resize(scratch_rows * stride);
+  sc.d.resize(scratch_rows * nb);
+  sc.ci.resize(scratch_rows * nb);
+  sc.xsum.resize(scratch_rows * G);
   const Acts x{sc.xq.data(), sc.d.data(), sc.ci.data(), sc.xsum.data(), stride, nb, G};
   int8_t* xq = sc.xq.data();
   float* d = sc.d.data();

@@ -287,12 +287,14 @@ def packed_layers(layers: Sequence[DecoderLayer], h: mx.array,
     """`layers` over several sequences packed along L of `h` (1, N, hidden): segment (L, cache)
     continues its own per-layer caches (`cache[i]` for `layers[i]`), as `Model.forward_packed` runs them."""
     spans, start, positions = [], 0, []
-    offsets: dict[int, int] = {}  # a sequence's next position: several chunks of one prompt may join a step
+    # A sequence's next position: several chunks of one prompt may join a step. Keyed by its first
+    # layer's cache object, which stays the same when callers pass the caches per layer (pipeline stages).
+    offsets: dict[int, int] = {}
     for n, cache in segments:
         spans.append((start, n, cache, cache[0].make_mask(n)))
-        offset = offsets.get(id(cache), cache[0].offset)
+        offset = offsets.get(id(cache[0]), cache[0].offset)
         positions.append(np.arange(offset, offset + n, dtype=np.int32))
-        offsets[id(cache)] = offset + n
+        offsets[id(cache[0])] = offset + n
         start += n
     row_positions = mx.array(np.concatenate(positions))
     for i, layer in enumerate(layers):
