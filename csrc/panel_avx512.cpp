@@ -494,6 +494,20 @@ TARGET_AVX512 inline void quad_sums(const __m512i P[16], __m512i out[4]) {
   out[3] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
 }
 
+// 16 weight words of one row against the activation vectors that meet them
+// in the `rows` layouts: 16 int32 partial sums (4 consecutive k per lane).
+template <int BITS, bool X16>
+TARGET_AVX512 inline __m512i row_dot(const Word& w, __m512i xa, __m512i xb) {
+  const __m512i zero = _mm512_setzero_si512();
+  if constexpr (BITS == 4) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, w.a, xa), w.b, xb);
+  } else if constexpr (X16) {
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, w.a, xa), w.b, xb);
+  } else {
+    return _mm512_dpbusd_epi32(zero, w.a, xa);
+  }
+}
+
 // One activation row (decode), one panel: each weight row's 64 bytes meet
 // full vectors of activations (quantize_row's `rows` layouts), and quad_sums
 // turns the 16 rows' partial sums into per-block sums of 16 columns — half
@@ -509,32 +523,17 @@ TARGET_AVX512 void row_tile(
     const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
     const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
     prefetch_param_share(next, j0 / 16, nc);
+    // 4 bits and int16: per 16 words two activation vectors (even/odd k, or the (k0, k2) and (k1, k3)
+    // pairs); 8 bits with int8: one.
+    constexpr bool two = BITS == 4 || X16;
+    const int8_t* xp = x.xq + j0 * (two ? 8 : 4);
+    const __m512i xa = _mm512_loadu_si512(xp);
+    const __m512i xb = two ? _mm512_loadu_si512(xp + 64) : _mm512_setzero_si512();
     __m512i P[16];
-    if constexpr (BITS == 4) {
-      const __m512i xe = _mm512_loadu_si512(x.xq + j0 * 8);
-      const __m512i xo = _mm512_loadu_si512(x.xq + j0 * 8 + 64);
-      for (int i = 0; i < 16; ++i) {
-        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
-        _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
-        const Word nib = split_word<4, false>(v);
-        P[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), nib.a, xe), nib.b, xo);
-      }
-    } else if constexpr (X16) {
-      const __m512i xa = _mm512_loadu_si512(x.xq + j0 * 8);
-      const __m512i xb = _mm512_loadu_si512(x.xq + j0 * 8 + 64);
-      for (int i = 0; i < 16; ++i) {
-        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
-        _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
-        const Word pairs = split_word<8, true>(v);
-        P[i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), pairs.a, xa), pairs.b, xb);
-      }
-    } else {
-      const __m512i xv = _mm512_loadu_si512(x.xq + j0 * 4);
-      for (int i = 0; i < 16; ++i) {
-        const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
-        _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
-        P[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-      }
+    for (int i = 0; i < 16; ++i) {
+      const __m512i v = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
+      _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
+      P[i] = row_dot<BITS, X16>(split_word<BITS, X16>(v), xa, xb);
     }
     __m512i quads[4];
     quad_sums(P, quads);
