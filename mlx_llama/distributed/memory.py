@@ -1,16 +1,8 @@
-"""A rank's resident memory: its peak, and giving freed heap pages back before the weights arrive."""
+"""Giving a rank's freed heap pages back before the weights arrive."""
 
 from __future__ import annotations
 
 import ctypes
-import resource
-import sys
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def release_freed_heap() -> None:

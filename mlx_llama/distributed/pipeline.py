@@ -31,12 +31,13 @@ import numpy as np
 
 from mlx_llama.config import ModelConfig
 from mlx_llama.distributed.group import PipelineGroup, join_group
-from mlx_llama.distributed.memory import peak_rss_bytes, release_freed_heap
+from mlx_llama.distributed.memory import release_freed_heap
 from mlx_llama.distributed.stage import OpenedCheckpoint, PipelineStage, load_stage
 from mlx_llama.errors import MlxLlamaError
 from mlx_llama.generation.prompt_cache import rollback
 from mlx_llama.interfaces import KVCache, TokenizerLike
 from mlx_llama.tokenizer import Tokenizer
+from mlx_llama.tools.bench import rss_bytes
 
 _STOP, _FORWARD, _ABORT, _PACKED = 0, 1, 2, 3
 # _FORWARD: command, batch, length, last_only, cache offset, max_kv_size (-1: growing), keep.
@@ -115,7 +116,7 @@ class Pipeline:
         layers = self.stage.plan.layers
         threads = f", {self.threads}-thread pools" if self.threads else ""
         return (f"{self.group.who}: layers {layers.start}-{layers.stop - 1} ({len(self.stage.tensor_names)} tensors, "
-                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {peak_rss_bytes() / 1e9:.3f} GB "
+                f"{self.stage.tensor_bytes / 1e6:.1f} MB read{threads}), peak RSS {rss_bytes()[1] / 1e9:.3f} GB "
                 f"({self.loaded_rss / 1e9:.3f} GB once loaded), "
                 f"MLX peak {mx.get_peak_memory() / 1e9:.3f} GB; {self.stats.describe()}")
 
@@ -461,4 +462,4 @@ def start_pipeline(model_path: str, dtype: str | None,
         raise MlxLlamaError(f"{first['who']}: {first['error']}")
     assert stage is not None and checkpoint is not None
     threads = share_host_cores([s["host"] for s in statuses], group.rank)
-    return Pipeline(group, stage, threads, peak_rss_bytes()), checkpoint, tokenizer
+    return Pipeline(group, stage, threads, rss_bytes()[1]), checkpoint, tokenizer
