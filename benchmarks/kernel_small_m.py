@@ -13,6 +13,11 @@ of at least 256 MB in all (a 16384x2048 4-bit matrix fits this CPU's L3).
 
     python benchmarks/kernel_small_m.py [--rounds N] [--threads N] [--mode auto|q8|q16|exact]
         [--shapes 2048x2048,16384x2048,2048x8192,128256x2048] [--bits 4,8] [--m 1,2,4,8,16]
+        [--layout panels,rows]
+
+`--layout`: the weights in the panel layout the loader gives the AVX-512
+kernels (mlx_llama/model/panel_weights.py), in MLX's row layout, or both
+(interleaved in the same rounds; the ratio rows ÷ panels is printed).
 
 `--ext PATH` times another build of the extension instead (e.g. a copy of
 the previous `_qmm_ext*.so`): for before/after ratios, alternate runs of the
@@ -32,6 +37,7 @@ from types import ModuleType
 import mlx.core as mx
 
 from mlx_llama.kernels import extension
+from mlx_llama.kernels.qmatmul import to_panels
 
 STREAM_BYTES = 256 * 2**20
 
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--bits", default="4,8", help="bit widths")
     ap.add_argument("--m", default="1,2,4,8,16", help="rows of x")
     ap.add_argument("--ext", default=None, help="time this build of _qmm_ext instead of the installed one")
+    ap.add_argument("--layout", default="panels,rows", help="weight layouts: panels (as loaded), rows (MLX's), or both")
     args = ap.parse_args()
     mx.set_default_device(mx.cpu)
 
@@ -70,9 +77,13 @@ def main() -> None:
     if args.threads:
         ext.set_num_threads(args.threads)
     ms = [int(v) for v in args.m.split(",")]
+    layouts = [v.strip() for v in args.layout.split(",")]
+    if "panels" in layouts and not ext.panel_kernels():
+        print("no AVX-512 VNNI panel kernels here: rows layout only")
+        layouts = ["rows"]
     build = args.ext or "installed"
     print(f"build: {build}, threads {ext.num_threads()}, mode {args.mode}, rounds {args.rounds}")
-    print(f"{'shape':<22}" + "".join(f"{f'M={m} ms':>11}" for m in ms) + "".join(
+    print(f"{'shape':<30}" + "".join(f"{f'M={m} ms':>11}" for m in ms) + "".join(
         f"{f'{m}/1':>7}" for m in ms[1:]) + f"{'ms/row M=' + str(ms[-1]):>14}")
     for shape in args.shapes.split(","):
         N, K = parse_shape(shape)
@@ -84,25 +95,32 @@ def main() -> None:
             s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
             mx.eval(w, s, b)
             nbytes = w.nbytes + s.nbytes + b.nbytes
-            copies = [(w, s, b)] + [(w + 0, s + 0, b + 0) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
-            mx.eval(copies)
+            rows = [(w, s, b)] + [(w + 0, s + 0, b + 0) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
+            copies = {"rows": rows, "panels": [(to_panels(c[0]), c[1], c[2]) for c in rows]}
+            copies = {k: copies[k] for k in layouts}
+            mx.eval(list(copies.values()))
             xs = {m: mx.random.normal((m, K)) for m in ms}
             mx.eval(list(xs.values()))
-            times: dict[int, list[float]] = {m: [] for m in ms}
+            times: dict[tuple[str, int], list[float]] = {(k, m): [] for k in layouts for m in ms}
             for r in range(args.rounds + 1):  # round 0 warms up
-                for m in ms:
-                    t = time.perf_counter()
-                    mx.eval([ext.quantized_matmul(xs[m], *c, group_size=64, bits=bits, mode=mode) for c in copies])
-                    if r:
-                        times[m].append((time.perf_counter() - t) / len(copies))
-            med = {m: statistics.median(times[m]) * 1e3 for m in ms}
-            print(
-                f"{f'{N}x{K} {bits}-bit':<22}"
-                + "".join(f"{med[m]:>11.3f}" for m in ms)
-                + "".join(f"{med[m] / med[ms[0]]:>7.2f}" for m in ms[1:])
-                + f"{med[ms[-1]] / ms[-1]:>14.3f}"
-            )
-            del copies
+                for k in layouts if r % 2 else layouts[::-1]:
+                    for m in ms:
+                        t = time.perf_counter()
+                        mx.eval([ext.quantized_matmul(xs[m], *c, group_size=64, bits=bits, mode=mode)
+                                 for c in copies[k]])
+                        if r:
+                            times[k, m].append((time.perf_counter() - t) / len(copies[k]))
+            med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+            for k in layouts:
+                print(
+                    f"{f'{N}x{K} {bits}-bit {k}':<30}"
+                    + "".join(f"{med[k, m]:>11.3f}" for m in ms)
+                    + "".join(f"{med[k, m] / med[k, ms[0]]:>7.2f}" for m in ms[1:])
+                    + f"{med[k, ms[-1]] / ms[-1]:>14.3f}"
+                )
+            if len(layouts) == 2:
+                print(f"{'  rows / panels':<30}" + "".join(f"{med['rows', m] / med['panels', m]:>11.2f}" for m in ms))
+            del copies, rows
         del W
 
 

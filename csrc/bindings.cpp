@@ -64,6 +64,24 @@ NB_MODULE(_qmm_ext, m) {
       "Dequantize to float32 on the CPU (multi-threaded).");
 
   m.def(
+      "pack_panels",
+      &mlx_llama::pack_panels,
+      "w"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Quantized weights (N x D uint32) in the panel layout the AVX-512 kernels stream: (N / 16, D, 16).");
+  m.def(
+      "panel_layout_supported",
+      [](int K, int group_size, int bits, const std::string& mode) {
+        return mlx_llama::panel_supported(
+            K, group_size, bits, mode == "q16" ? mlx_llama::Mode::Q16 : (mode == "q8" ? mlx_llama::Mode::Q8 : mlx_llama::Mode::Exact));
+      },
+      "K"_a,
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "Whether `mode` ('q8', 'q16' or 'exact') runs on the AVX-512 panel kernels for these parameters here.");
+  m.def(
       "q8_supported",
       &mlx_llama::q8_supported,
       "K"_a,

@@ -36,6 +36,9 @@ enum class Mode : int {
 // a 4-bit GEMV) and converts exactly to float32.
 enum class ScaleType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
+// Weight rows per panel of the panel layout (QMatmulArgs::panels).
+constexpr int kPanelRows = 16;
+
 struct QMatmulArgs {
   const float* x;
   const uint32_t* w;
@@ -48,6 +51,10 @@ struct QMatmulArgs {
   int K;
   int group_size;
   int bits;
+  // w in the panel layout (pack_panels): (N / 16) x D x 16 words, word j of
+  // weight rows 16p .. 16p + 15 side by side at w + (p * D + j) * 16, where D
+  // = K * bits / 32. Only the AVX-512 panel kernels read it (panel_supported).
+  bool panels = false;
 };
 
 // Whether `mode` has a fast path for these parameters; when it does not,

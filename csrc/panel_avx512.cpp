@@ -43,11 +43,17 @@ std::atomic<bool>& enabled_flag() {
   return on;
 }
 
-constexpr int kCols = 16; // output columns per panel: one zmm of float32
+constexpr int kCols = kPanelRows; // output columns per panel: one zmm of float32
 constexpr int kMaxRows = 8; // activation rows per micro-kernel call
 constexpr int kMaxPanels = 4; // panels packed (and per tile at most) at a time
 constexpr int kPanelsPerTask = 8; // smallest task: 128 weight rows
 constexpr int kRowsPerTask = 64; // activation rows per task
+// How far ahead tiles prefetch weights packed at load, by activation layout:
+// few rows read them fast (decode GEMV), more rows slowly enough that the
+// stream needs a longer lead (paired in-process runs, 1B 4-bit: decode best
+// at 2 KB, batched decode B=8 at 8-16 KB).
+constexpr int64_t kPrefetchFewRows = 2048;
+constexpr int64_t kPrefetchManyRows = 8192;
 
 inline int ceil_div(int a, int b) {
   return (a + b - 1) / b;
@@ -79,6 +85,15 @@ struct PanelSet {
   int64_t panel_words;
   int panel_params;
   int cols; // output columns in these panels (<= 16 * panels)
+  // Weights streamed from memory (packed at load): prefetch this many bytes
+  // ahead of each block read; 0 when the panels were just packed into L1/L2.
+  int64_t prefetch_bytes;
+  // Scales and biases of the panels a set on (read by pack_params before
+  // their tiles), prefetched spread over this tile's blocks: issued at once,
+  // a set's lines overflow the outstanding misses and come late.
+  const char* next_s;
+  const char* next_b;
+  int64_t next_lines;
 };
 
 // Sum of 16 floats in a fixed order (the group sums' bits depend on it).
@@ -325,16 +340,20 @@ TARGET_AVX512 inline __m512 add_group(__m512 acc, __m512 t, __m512 s, __m512 bb,
 // last panel may have fewer), over all of K. Several panels per call give
 // small R independent accumulator chains (a dpbusd chain is latency-bound
 // with one row); the per-element sequence (panel_avx512.h) does not depend
-// on R or V.
-template <int BITS, bool X16, int R, int V>
+// on R or V. IL: the activations interleaved by kMaxRows rows (Acts; m0 %
+// kMaxRows == 0), else plain rows (few rows, weights packed at load: the
+// interleaved layout of one row would take 8 times its cache lines).
+template <int BITS, bool X16, int R, int V, bool IL>
 TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0, float* y, int64_t ldy) {
   constexpr int WPB = BITS == 4 ? 4 : 8; // weight words per block of 32 k
-  constexpr int WS = 4 * kMaxRows; // interleaved activations (Acts), m0 % kMaxRows == 0
-  const int64_t q = m0 / kMaxRows;
-  const int8_t* xg = x.xq + q * kMaxRows * x.xq_stride;
-  const float* dg = x.d + q * x.nb * kMaxRows;
-  const int32_t* cg = x.ci + q * x.nb * kMaxRows;
-  const float* sg = x.xsum + q * x.G * kMaxRows;
+  constexpr int WS = IL ? 4 * kMaxRows : 4; // bytes between a row's words
+  constexpr int64_t es = IL ? kMaxRows : 1; // between a row's per-block (per-group) values
+  const int64_t q = IL ? m0 / kMaxRows : m0; // first row (IL: row group) of the tile
+  const int64_t xr = IL ? 4 : x.xq_stride, dr = IL ? 1 : x.nb, gr = IL ? 1 : x.G; // between rows
+  const int8_t* xg = x.xq + q * es * x.xq_stride;
+  const float* dg = x.d + q * x.nb * es;
+  const int32_t* cg = x.ci + q * x.nb * es;
+  const float* sg = x.xsum + q * x.G * es;
   const __m512i* wv[V];
   const float* sv[V];
   const float* bv[V];
@@ -353,23 +372,42 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
   for (int g = 0, b = 0; g < G; ++g) {
     __m512 t[R][V];
     for (int bi = 0; bi < bpg; ++bi, ++b) {
+      if (ps.prefetch_bytes) {
+        for (int64_t l = b * ps.next_lines / x.nb; l < (b + 1) * ps.next_lines / x.nb; ++l) {
+          _mm_prefetch(ps.next_s + l * 64, _MM_HINT_T0);
+          _mm_prefetch(ps.next_b + l * 64, _MM_HINT_T0);
+        }
+        // Each of the V streams prefetches its own bytes ahead: past its
+        // panel's end that is the panel V on (the next tile's), not the one
+        // its neighbour stream is reading already.
+        int64_t ahead = int64_t(b) * WPB * 64 + ps.prefetch_bytes;
+        if (ahead >= ps.panel_words * 4) {
+          ahead += (V - 1) * ps.panel_words * 4;
+        }
+        for (int v = 0; v < V; ++v) {
+          const char* at = reinterpret_cast<const char*>(wv[v]) + ahead;
+          for (int l = 0; l < WPB; ++l) {
+            _mm_prefetch(at + l * 64, _MM_HINT_T0);
+          }
+        }
+      }
       __m512i I[R][V];
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          I[r][v] = _mm512_set1_epi32(cg[b * kMaxRows + r]);
+          I[r][v] = _mm512_set1_epi32(cg[b * es + r * dr]);
         }
       }
       for (int j = 0; j < WPB; ++j) {
         for (int v = 0; v < V; ++v) {
           const Word w = split_word<BITS, X16>(_mm512_loadu_si512(wv[v] + b * WPB + j));
           for (int r = 0; r < R; ++r) {
-            I[r][v] = add_word<BITS, X16, WS>(I[r][v], w, xg + 4 * r, b, j);
+            I[r][v] = add_word<BITS, X16, WS>(I[r][v], w, xg + r * xr, b, j);
           }
         }
       }
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          t[r][v] = add_block(t[r][v], I[r][v], dg[b * kMaxRows + r], bi == 0);
+          t[r][v] = add_block(t[r][v], I[r][v], dg[b * es + r * dr], bi == 0);
         }
       }
     }
@@ -377,7 +415,7 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       const __m512 s = _mm512_load_ps(sv[v] + g * kCols);
       const __m512 bb = _mm512_load_ps(bv[v] + g * kCols);
       for (int r = 0; r < R; ++r) {
-        acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sg[g * kMaxRows + r]);
+        acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sg[g * es + r * gr]);
       }
     }
   }
@@ -585,14 +623,16 @@ struct TileTable {
   TileFn single[kMaxRows]; // [r - 1]: r rows x 1 panel
 };
 
-template <int BITS, bool X16, int... R>
+template <int BITS, bool X16, bool IL, int... R>
 constexpr TileTable table_of(std::integer_sequence<int, R...>) {
-  return {{panel_tile<BITS, X16, R + 1, panels_for_rows(R + 1)>...}, {panel_tile<BITS, X16, R + 1, 1>...}};
+  return {{panel_tile<BITS, X16, R + 1, panels_for_rows(R + 1), IL>...}, {panel_tile<BITS, X16, R + 1, 1, IL>...}};
 }
 
-template <int BITS, bool X16>
+// IL: interleaved activations (every M), else plain rows (M <= kMaxDirectRows).
+template <int BITS, bool X16, bool IL>
 const TileTable& tiles() {
-  static constexpr TileTable t = table_of<BITS, X16>(std::make_integer_sequence<int, kMaxRows>{});
+  static constexpr TileTable t =
+      table_of<BITS, X16, IL>(std::make_integer_sequence<int, IL ? kMaxRows : kMaxDirectRows>{});
   return t;
 }
 
@@ -619,7 +659,8 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
   const int G = a.K / a.group_size;
   // Rows padded to 128 k: row_tile reads whole 64-byte vectors.
   const int64_t stride = int64_t(ceil_div(a.K, 128)) * 128 * (x16 ? 2 : 1);
-  const bool rows_layout = a.M == 1;
+  // Weights already in the panel layout: every M runs panel_tile on them.
+  const bool rows_layout = a.M == 1 && !a.panels;
 
   struct Scratch {
     std::vector<int8_t> xq;
@@ -680,7 +721,9 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     prep(0, a.M);
   }
 
-  const TileTable& tiles_ = a.bits == 4 ? tiles<4, false>() : (x16 ? tiles<8, true>() : tiles<8, false>());
+  const TileTable& tiles_ = interleaved
+      ? (a.bits == 4 ? tiles<4, false, true>() : (x16 ? tiles<8, true, true>() : tiles<8, false, true>()))
+      : (a.bits == 4 ? tiles<4, false, false>() : (x16 ? tiles<8, true, false>() : tiles<8, false, false>()));
   const DirectFn* direct =
       a.bits == 4 ? direct_tiles<4, false>() : (x16 ? direct_tiles<8, true>() : direct_tiles<8, false>());
   const int64_t D = int64_t(a.K) * a.bits / 32; // words per weight row
@@ -715,7 +758,7 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     const int nb_i = task / mt, mb = task % mt;
     const int m0 = mb * kRowsPerTask, m1 = std::min(a.M, m0 + kRowsPerTask);
     const int p_end = bounds[nb_i + 1];
-    if (a.M <= kMaxDirectRows) {
+    if (a.M <= kMaxDirectRows && !a.panels) {
       const DirectFn row = a.bits == 4 ? row_tile<4, false> : (x16 ? row_tile<8, true> : row_tile<8, false>);
       const DirectFn fn = rows_layout ? row : direct[a.M - 1];
       const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
@@ -746,21 +789,32 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
       // The next panels' bytes, prefetched while these are packed.
       const int64_t next_n = std::min<int64_t>(a.N, n0 + 2 * kMaxPanels * kCols) - (n0 + np * kCols);
       const char* next = reinterpret_cast<const char*>(a.w + (n0 + np * kCols) * D);
+      // Packed here, or at load (a.panels: the weights stream in tile order).
+      const uint32_t* wp = a.panels ? a.w + int64_t(p0) * panel_words : pw;
       for (int v = 0; v < np; ++v) {
         const int rows = std::min(kCols, cols - v * kCols);
-        pack_words(
-            a.w + (n0 + v * kCols) * D, D, rows, pw + v * panel_words, next + v * (next_n * D * 4 / np),
-            std::max<int64_t>(0, next_n) * D * 4 / np);
+        if (!a.panels) {
+          pack_words(
+              a.w + (n0 + v * kCols) * D, D, rows, pw + v * panel_words, next + v * (next_n * D * 4 / np),
+              std::max<int64_t>(0, next_n) * D * 4 / np);
+        }
         pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
       }
+      const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
       for (int m = m0; m < m1; m += kMaxRows) {
         const int r = std::min(kMaxRows, m1 - m);
         const int V = panels_for_rows(r);
         for (int v = 0; v < np;) {
-          const PanelSet set{
-              pw + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
-              panel_words, panel_params, cols - v * kCols};
           const bool wide = v + V <= np;
+          // The parameters of the panels kMaxPanels on from this tile's.
+          const int64_t nn0 = std::min<int64_t>(a.N, n0 + (kMaxPanels + v) * kCols);
+          const int64_t nn1 = std::min<int64_t>(a.N, nn0 + (wide ? V : 1) * kCols);
+          const int64_t ahead = !a.panels ? 0 : (interleaved ? kPrefetchManyRows : kPrefetchFewRows);
+          const PanelSet set{
+              wp + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
+              panel_words, panel_params, cols - v * kCols, ahead,
+              static_cast<const char*>(a.scales) + nn0 * G * pbytes,
+              static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64};
           (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
           v += wide ? V : 1;
         }

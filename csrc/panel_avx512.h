@@ -1,10 +1,13 @@
 // AVX-512 VNNI kernels for the integer modes (Q8: 4- and 8-bit weights, Q16:
 // 8-bit weights), for any number of activation rows M.
 //
-// Layout in memory stays MLX's (see kernels.h). Each call copies 16 weight
-// rows at a time (a "panel") into a thread-local buffer transposed by 32-bit
-// words: word j of the 16 rows side by side, so one 64-byte vector holds 4
-// (8-bit) or 8 (4-bit) consecutive k of 16 output columns. An activation word
+// Weights come in MLX's layout (see kernels.h) or, rearranged once at load,
+// in the panel layout (QMatmulArgs::panels): 16 weight rows (a "panel")
+// transposed by 32-bit words, word j of the 16 rows side by side, so one
+// 64-byte vector holds 4 (8-bit) or 8 (4-bit) consecutive k of 16 output
+// columns. From MLX's layout each call builds that in a thread-local buffer
+// (or in registers, for few rows); in the panel layout the tiles stream it
+// straight from memory. An activation word
 // broadcast to all lanes (vpdpbusd / vpdpwssd with a memory operand) then adds
 // its products into 16 columns at once, and the integer sums of a whole block
 // of 32 k stay in one register until they meet the block's scale:

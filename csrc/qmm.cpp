@@ -6,6 +6,8 @@
 #include "mlx/utils.h"
 
 #include "cpu_eval.h"
+#include "panel_avx512.h"
+#include "threadpool.h"
 
 namespace mlx_llama {
 
@@ -34,11 +36,12 @@ std::pair<int, int> check_weights(
     int group_size,
     int bits) {
   check_params(group_size, bits);
-  if (w.dtype() != mx::uint32 || w.ndim() != 2) {
+  const bool panels = w.ndim() == 3; // pack_panels' layout
+  if (w.dtype() != mx::uint32 || (w.ndim() != 2 && !(panels && w.shape(2) == kPanelRows))) {
     throw std::invalid_argument(
-        "[mlx_llama.quantized_matmul] w must be a 2-D uint32 array");
+        "[mlx_llama.quantized_matmul] w must be a 2-D uint32 array (or 3-D (N / 16, D, 16) from pack_panels)");
   }
-  const int N = w.shape(0);
+  const int N = panels ? w.shape(0) * kPanelRows : w.shape(0);
   const int64_t K64 = int64_t(w.shape(1)) * 32 / bits;
   if ((int64_t(w.shape(1)) * 32) % bits != 0 || K64 % group_size != 0) {
     throw std::invalid_argument(
@@ -81,6 +84,20 @@ ScaleType scale_type(const mx::array& a) {
     return ScaleType::BF16;
   }
   return a.dtype() == mx::float16 ? ScaleType::F16 : ScaleType::F32;
+}
+
+// Weight rows of w: 2-D MLX layout or 3-D panel layout.
+int rows_of(const mx::array& w) {
+  return w.ndim() == 3 ? w.shape(0) * kPanelRows : w.shape(0);
+}
+
+void unpack_panels(const uint32_t* w, int N, int64_t D, uint32_t* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* src = w + (n / kPanelRows) * D * kPanelRows + n % kPanelRows;
+    for (int64_t j = 0; j < D; ++j) {
+      out[n * D + j] = src[j * kPanelRows];
+    }
+  }
 }
 
 } // namespace
@@ -128,7 +145,7 @@ mx::array quantized_matmul(
 std::vector<mx::Shape> QuantizedMatmulCPU::output_shapes(
     const std::vector<mx::array>& inputs) {
   mx::Shape out_shape = inputs[0].shape();
-  out_shape.back() = inputs[1].shape(0);
+  out_shape.back() = rows_of(inputs[1]);
   return {out_shape};
 }
 
@@ -144,7 +161,7 @@ void QuantizedMatmulCPU::eval_cpu(
 
   const int K = x.shape(-1);
   const int M = static_cast<int>(K > 0 ? x.size() / K : 0);
-  const int N = w.shape(0);
+  const int N = rows_of(w);
   QMatmulArgs args{
       nullptr,
       w.data<uint32_t>(),
@@ -156,10 +173,20 @@ void QuantizedMatmulCPU::eval_cpu(
       N,
       K,
       group_size_,
-      bits_};
+      bits_,
+      w.ndim() == 3};
   enc.dispatch([args, x, mode = mode_]() mutable {
     std::vector<float> scratch;
     args.x = row_major_f32(x, scratch);
+    std::vector<uint32_t> rows;
+    if (args.panels && !panel_supported(args.K, args.group_size, args.bits, mode)) {
+      // Another kernel than the panels' (the mode or the CPU path changed
+      // after load): the rows back in MLX's layout for this call.
+      rows.resize(size_t(args.N) * args.K * args.bits / 32);
+      unpack_panels(args.w, args.N, args.K * args.bits / 32, rows.data());
+      args.w = rows.data();
+      args.panels = false;
+    }
     qmatmul(args, mode);
   });
 }
@@ -203,7 +230,8 @@ void DequantizeCPU::eval_cpu(
   auto& biases = inputs[2];
   auto& out = outputs[0];
   auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {0, 1, 2});
-  enc.dispatch([wp = w.data<uint32_t>(),
+  enc.dispatch([w,
+                wp = w.data<uint32_t>(),
                 sp = scales.data<void>(),
                 bp = biases.data<void>(),
                 st = scale_type(scales),
@@ -211,7 +239,16 @@ void DequantizeCPU::eval_cpu(
                 N = out.shape(0),
                 K = out.shape(1),
                 g = group_size_,
-                b = bits_]() { dequantize_rows(wp, sp, bp, st, op, N, K, g, b); });
+                b = bits_]() {
+    std::vector<uint32_t> rows;
+    const uint32_t* src = wp;
+    if (w.ndim() == 3) {
+      rows.resize(size_t(N) * K * b / 32);
+      unpack_panels(wp, N, int64_t(K) * b / 32, rows.data());
+      src = rows.data();
+    }
+    dequantize_rows(src, sp, bp, st, op, N, K, g, b);
+  });
 }
 
 void DequantizeCPU::eval_gpu(
@@ -223,6 +260,64 @@ void DequantizeCPU::eval_gpu(
 bool DequantizeCPU::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const DequantizeCPU*>(&other);
   return o && o->group_size_ == group_size_ && o->bits_ == bits_;
+}
+
+mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s_) {
+  auto s = require_cpu_stream(s_, "pack_panels");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(0) % kPanelRows != 0) {
+    throw std::invalid_argument(
+        "[mlx_llama.pack_panels] w must be a 2-D uint32 array with a multiple of 16 rows");
+  }
+  return mx::array(
+      {w.shape(0) / kPanelRows, w.shape(1), kPanelRows},
+      mx::uint32,
+      std::make_shared<PackPanelsCPU>(s),
+      {contiguous_if_needed(w, s)});
+}
+
+void PackPanelsCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& w = inputs[0];
+  auto& out = outputs[0];
+  const bool in_place = w.is_donatable() && w.flags().row_contiguous;
+  if (in_place) {
+    // w's buffer under out's own (row-contiguous, 3-D) strides.
+    const int64_t D = out.shape(1);
+    out.copy_shared_buffer(w, {D * kPanelRows, kPanelRows, 1}, w.flags(), w.data_size());
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(w);
+  enc.set_output_array(out);
+  enc.dispatch([src = w.data<uint32_t>(),
+                dst = out.data<uint32_t>(),
+                panels = out.shape(0),
+                D = int64_t(out.shape(1)),
+                in_place]() {
+    ThreadPool::instance().parallel_for(panels, [&](int p, int) {
+      // A panel's 16 rows, copied out first when rearranged in place.
+      static thread_local std::vector<uint32_t> rows;
+      const uint32_t* from = src + p * D * kPanelRows;
+      if (in_place) {
+        rows.assign(from, from + D * kPanelRows);
+        from = rows.data();
+      }
+      uint32_t* to = dst + p * D * kPanelRows;
+      for (int64_t j = 0; j < D; ++j) {
+        for (int i = 0; i < kPanelRows; ++i) {
+          to[j * kPanelRows + i] = from[i * D + j];
+        }
+      }
+    });
+  });
+}
+
+void PackPanelsCPU::eval_gpu(
+    const std::vector<mx::array>&,
+    std::vector<mx::array>&) {
+  throw std::runtime_error("[mlx_llama.pack_panels] has no GPU implementation");
 }
 
 } // namespace mlx_llama

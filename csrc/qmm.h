@@ -32,6 +32,31 @@ mx::array dequantize(
     int bits,
     mx::StreamOrDevice s = {});
 
+// w (N x D uint32, MLX layout, N a multiple of 16) in the panel layout the
+// AVX-512 kernels stream (QMatmulArgs::panels): (N / 16, D, 16). Rearranged
+// in place when w's buffer can be donated (a model's weights at load: no
+// second copy of the largest tensor), else into a new buffer.
+mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s = {});
+
+class PackPanelsCPU : public mx::Primitive {
+ public:
+  explicit PackPanelsCPU(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  void eval_gpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+
+  const char* name() const override {
+    return "MlxLlamaPackPanels";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const PackPanelsCPU*>(&other) != nullptr;
+  }
+};
+
 class QuantizedMatmulCPU : public mx::Primitive {
  public:
   QuantizedMatmulCPU(mx::Stream stream, int group_size, int bits, Mode mode)

@@ -15,6 +15,7 @@ from mlx_llama.errors import MlxLlamaError
 from mlx_llama.files import check_readable
 from mlx_llama.model.fuse_weights import fuse_projections
 from mlx_llama.model.llama import Model
+from mlx_llama.model.panel_weights import use_panel_layout
 from mlx_llama.model.quantized import quantize, require_affine
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def load_weights_into(model: M, model_dir: ModelDir, weights: dict[str, mx.array
     del weights  # the model holds what it needs: fusing must free the parts
     if fuse:
         fuse_projections(model)
-        mx.clear_cache()  # return the parts' buffers instead of keeping them for reuse
+    use_panel_layout(model, tied_embeddings=cfg.tie_word_embeddings)
+    mx.clear_cache()  # return the fused parts' buffers instead of keeping them for reuse
     mx.eval(model.parameters())
     model.eval()
     model.path, model.generation_config = model_dir.path, model_dir.generation_config

@@ -20,6 +20,10 @@ Kernel choice, via the environment variable ``MLX_LLAMA_QMM``:
   `mx.quantized_matmul` to ~1e-6 relative.
 * ``mlx``: always use `mx.quantized_matmul` (and `mx.fast` for the fused ops).
 
+Where the AVX-512 VNNI panel kernels run, the loader rearranges 4/8-bit
+weights into their panel layout (mlx_llama.model.panel_weights);
+``MLX_LLAMA_PANELS=0`` keeps the layout of the files.
+
 The variable is read once per forward pass (`resolved()`, which the model
 enters); `set_mode()` / `using_mode()` override it.
 """
@@ -155,7 +159,16 @@ def backend_name() -> str:
         kind = "auto: int16 activations for 8-bit, int8 for 2/4-bit, float32 exact for other bit widths"
     else:
         kind = {"q8": "int8 activations", "q16": "int16 activations (8-bit weights)"}.get(mode, "float32 exact")
-    return f"mlx-llama {isa} kernels, {kind}, {_ext.num_threads()} threads"
+    layout = ", 4/8-bit weights in the panel layout" if panel_layout_enabled() else ""
+    return f"mlx-llama {isa} kernels, {kind}{layout}, {_ext.num_threads()} threads"
+
+
+def panel_layout_enabled() -> bool:
+    """Whether loading rearranges 4/8-bit weights into the panel layout (mlx_llama.model.panel_weights):
+    the AVX-512 VNNI panel kernels run the current mode here, and not MLX_LLAMA_PANELS=0."""
+    if os.environ.get("MLX_LLAMA_PANELS", "1").strip() == "0":
+        return False
+    return _ext is not None and _ext.panel_kernels() and use_ext(get_mode())
 
 
 def reads_half_scales() -> bool:

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from mlx_llama.errors import MlxLlamaError
-from mlx_llama.kernels.qmatmul import dequantize, quantized_matmul
+from mlx_llama.kernels.qmatmul import PANEL_ROWS, dequantize, quantized_matmul, weight_rows
 
 
 def require_affine(mode: str | None) -> None:
@@ -60,11 +60,15 @@ class QuantizedLinear(nn.Module):
 
     @property
     def input_dims(self) -> int:
-        return self.weight.shape[1] * 32 // self.bits
+        return self.weight.shape[1] * 32 // self.bits  # (N, D) or, in the panel layout, (N / 16, D, 16)
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[0] * (PANEL_ROWS if self.weight.ndim == 3 else 1)
 
     def _extra_repr(self) -> str:
         return (
-            f"input_dims={self.input_dims}, output_dims={self.weight.shape[0]}, bias={'bias' in self}, "
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, bias={'bias' in self}, "
             f"group_size={self.group_size}, bits={self.bits}"
         )
 
@@ -101,7 +105,8 @@ class QuantizedEmbedding(nn.Module):
         # mx.dequantize expands into ~50 small graph nodes.
         ids = x.reshape(-1)
         rows = dequantize(
-            self["weight"][ids], self["scales"][ids], self["biases"][ids], group_size=self.group_size, bits=self.bits
+            weight_rows(self["weight"], ids), self["scales"][ids], self["biases"][ids],
+            group_size=self.group_size, bits=self.bits,
         )
         return rows.reshape(*x.shape, self.dims)
 
