@@ -96,7 +96,7 @@ def main() -> None:
             mx.eval(w, s, b)
             nbytes = w.nbytes + s.nbytes + b.nbytes
             rows = [(w, s, b)] + [(w + 0, s + 0, b + 0) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
-            copies = {"rows": rows, "panels": [(to_panels(c[0]), c[1], c[2]) for c in rows]}
+            copies = {"rows": rows, "panels": [tuple(map(to_panels, c)) for c in rows]}
             copies = {k: copies[k] for k in layouts}
             mx.eval(list(copies.values()))
             xs = {m: mx.random.normal((m, K)) for m in ms}

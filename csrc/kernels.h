@@ -51,9 +51,10 @@ struct QMatmulArgs {
   int K;
   int group_size;
   int bits;
-  // w in the panel layout (pack_panels): (N / 16) x D x 16 words, word j of
-  // weight rows 16p .. 16p + 15 side by side at w + (p * D + j) * 16, where D
-  // = K * bits / 32. Only the AVX-512 panel kernels read it (panel_supported).
+  // w, scales and biases in the panel layout (pack_panels): w (N / 16) x D x
+  // 16 words, word j of weight rows 16p .. 16p + 15 side by side at w + (p *
+  // D + j) * 16, where D = K * bits / 32; scales and biases likewise (N / 16)
+  // x G x 16. Only the AVX-512 panel kernels read it (panel_supported).
   bool panels = false;
 };
 

@@ -88,12 +88,19 @@ struct PanelSet {
   // Weights streamed from memory (packed at load): prefetch this many bytes
   // ahead of each block read; 0 when the panels were just packed into L1/L2.
   int64_t prefetch_bytes;
-  // Scales and biases of the panels a set on (read by pack_params before
-  // their tiles), prefetched spread over this tile's blocks: issued at once,
-  // a set's lines overflow the outstanding misses and come late.
+  // Scales and biases of the panels a set on, prefetched spread over this
+  // tile's blocks: issued at once, a set's lines overflow the outstanding
+  // misses and come late.
   const char* next_s;
   const char* next_b;
   int64_t next_lines;
+  // Parameters in the panel layout (weights packed at load): panel v's
+  // scales at raw_s + v * panel_params elements of raw_type, group-major like
+  // s, read and widened by the tile (s and bb unused); null: s and bb.
+  const void* raw_s;
+  const void* raw_b;
+  ScaleType raw_type;
+  float c; // 2^(bits - 1), for b + c s
 };
 
 // Sum of 16 floats in a fixed order (the group sums' bits depend on it).
@@ -237,6 +244,18 @@ TARGET_AVX512 inline __m512 widen_group(__m512i words, int g, ScaleType st) {
         g % 2 == 0 ? _mm512_slli_epi32(words, 16) : _mm512_and_si512(words, _mm512_set1_epi32(int(0xffff0000u))));
   }
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g % 2 == 0 ? words : _mm512_srli_epi32(words, 16)));
+}
+
+// 16 consecutive parameters p[e ..] of type st as float32 (exact).
+TARGET_AVX512 inline __m512 load_params16(const void* p, int64_t e, ScaleType st) {
+  if (st == ScaleType::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + e);
+  }
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + e));
+  if (st == ScaleType::BF16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_cvtph_ps(h);
 }
 
 // Scales and b + c * s of 16 rows, group-major: ps[g * 16 + col]. One
@@ -412,8 +431,15 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       }
     }
     for (int v = 0; v < V; ++v) {
-      const __m512 s = _mm512_load_ps(sv[v] + g * kCols);
-      const __m512 bb = _mm512_load_ps(bv[v] + g * kCols);
+      __m512 s, bb;
+      if (ps.raw_s) {
+        const int64_t e = v * int64_t(ps.panel_params) + g * kCols;
+        s = load_params16(ps.raw_s, e, ps.raw_type);
+        bb = _mm512_fmadd_ps(s, _mm512_set1_ps(ps.c), load_params16(ps.raw_b, e, ps.raw_type));
+      } else {
+        s = _mm512_load_ps(sv[v] + g * kCols);
+        bb = _mm512_load_ps(bv[v] + g * kCols);
+      }
       for (int r = 0; r < R; ++r) {
         acc[r][v] = add_group(acc[r][v], t[r][v], s, bb, sg[g * es + r * gr]);
       }
@@ -798,7 +824,9 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
               a.w + (n0 + v * kCols) * D, D, rows, pw + v * panel_words, next + v * (next_n * D * 4 / np),
               std::max<int64_t>(0, next_n) * D * 4 / np);
         }
-        pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
+        if (!a.panels) {
+          pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
+        }
       }
       const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
       for (int m = m0; m < m1; m += kMaxRows) {
@@ -810,11 +838,16 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
           const int64_t nn0 = std::min<int64_t>(a.N, n0 + (kMaxPanels + v) * kCols);
           const int64_t nn1 = std::min<int64_t>(a.N, nn0 + (wide ? V : 1) * kCols);
           const int64_t ahead = !a.panels ? 0 : (interleaved ? kPrefetchManyRows : kPrefetchFewRows);
+          // Panel layout: this tile's parameters, panel p0 + v on.
+          const int64_t pe = (int64_t(p0) + v) * panel_params * pbytes;
           const PanelSet set{
               wp + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
               panel_words, panel_params, cols - v * kCols, ahead,
               static_cast<const char*>(a.scales) + nn0 * G * pbytes,
-              static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64};
+              static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64,
+              a.panels ? static_cast<const char*>(a.scales) + pe : nullptr,
+              a.panels ? static_cast<const char*>(a.biases) + pe : nullptr, a.stype,
+              static_cast<float>(1 << (a.bits - 1))};
           (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
           v += wide ? V : 1;
         }

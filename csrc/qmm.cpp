@@ -36,7 +36,7 @@ std::pair<int, int> check_weights(
     int group_size,
     int bits) {
   check_params(group_size, bits);
-  const bool panels = w.ndim() == 3; // pack_panels' layout
+  const bool panels = w.ndim() == 3; // pack_panels' layout, for all three
   if (w.dtype() != mx::uint32 || (w.ndim() != 2 && !(panels && w.shape(2) == kPanelRows))) {
     throw std::invalid_argument(
         "[mlx_llama.quantized_matmul] w must be a 2-D uint32 array (or 3-D (N / 16, D, 16) from pack_panels)");
@@ -48,12 +48,14 @@ std::pair<int, int> check_weights(
         "[mlx_llama.quantized_matmul] packed width does not match bits/group_size");
   }
   const int K = static_cast<int>(K64);
-  const mx::Shape sshape = {N, K / group_size};
+  const mx::Shape sshape = panels ? mx::Shape{N / kPanelRows, K / group_size, kPanelRows}
+                                  : mx::Shape{N, K / group_size};
   if (scales.shape() != sshape || biases.shape() != sshape) {
     std::ostringstream msg;
     msg << "[mlx_llama.quantized_matmul] scales and biases must have shape ("
         << N << ", " << K / group_size << ") for w of shape (" << N << ", "
-        << w.shape(1) << "), bits=" << bits << ", group_size=" << group_size;
+        << w.shape(1) << "), bits=" << bits << ", group_size=" << group_size
+        << (panels ? ", all three in the panel layout" : "");
     throw std::invalid_argument(msg.str());
   }
   if (!mx::issubdtype(scales.dtype(), mx::floating) ||
@@ -91,14 +93,41 @@ int rows_of(const mx::array& w) {
   return w.ndim() == 3 ? w.shape(0) * kPanelRows : w.shape(0);
 }
 
-void unpack_panels(const uint32_t* w, int N, int64_t D, uint32_t* out) {
+// N rows of D elements from the panel layout back to rows.
+template <typename T>
+void unpack_panels(const T* p, int N, int64_t D, std::vector<T>& out) {
+  out.resize(size_t(N) * D);
   for (int64_t n = 0; n < N; ++n) {
-    const uint32_t* src = w + (n / kPanelRows) * D * kPanelRows + n % kPanelRows;
+    const T* src = p + (n / kPanelRows) * D * kPanelRows + n % kPanelRows;
     for (int64_t j = 0; j < D; ++j) {
       out[n * D + j] = src[j * kPanelRows];
     }
   }
 }
+
+// A weight and its parameters restored to MLX's layout, for kernels that
+// read rows (the mode or the CPU path changed after load; dequantize).
+struct RowCopy {
+  std::vector<uint32_t> w;
+  std::vector<uint16_t> s16, b16;
+  std::vector<float> s32, b32;
+
+  void restore(const uint32_t*& w_, const void*& s_, const void*& b_, ScaleType st, int N, int K, int g, int bits) {
+    unpack_panels(w_, N, int64_t(K) * bits / 32, w);
+    w_ = w.data();
+    if (st == ScaleType::F32) {
+      unpack_panels(static_cast<const float*>(s_), N, K / g, s32);
+      unpack_panels(static_cast<const float*>(b_), N, K / g, b32);
+      s_ = s32.data();
+      b_ = b32.data();
+    } else {
+      unpack_panels(static_cast<const uint16_t*>(s_), N, K / g, s16);
+      unpack_panels(static_cast<const uint16_t*>(b_), N, K / g, b16);
+      s_ = s16.data();
+      b_ = b16.data();
+    }
+  }
+};
 
 } // namespace
 
@@ -178,13 +207,11 @@ void QuantizedMatmulCPU::eval_cpu(
   enc.dispatch([args, x, mode = mode_]() mutable {
     std::vector<float> scratch;
     args.x = row_major_f32(x, scratch);
-    std::vector<uint32_t> rows;
+    RowCopy rows;
     if (args.panels && !panel_supported(args.K, args.group_size, args.bits, mode)) {
       // Another kernel than the panels' (the mode or the CPU path changed
       // after load): the rows back in MLX's layout for this call.
-      rows.resize(size_t(args.N) * args.K * args.bits / 32);
-      unpack_panels(args.w, args.N, args.K * args.bits / 32, rows.data());
-      args.w = rows.data();
+      rows.restore(args.w, args.scales, args.biases, args.stype, args.N, args.K, args.group_size, args.bits);
       args.panels = false;
     }
     qmatmul(args, mode);
@@ -240,14 +267,13 @@ void DequantizeCPU::eval_cpu(
                 K = out.shape(1),
                 g = group_size_,
                 b = bits_]() {
-    std::vector<uint32_t> rows;
-    const uint32_t* src = wp;
+    RowCopy rows;
+    const uint32_t* w_ = wp;
+    const void *s_ = sp, *b_ = bp;
     if (w.ndim() == 3) {
-      rows.resize(size_t(N) * K * b / 32);
-      unpack_panels(wp, N, int64_t(K) * b / 32, rows.data());
-      src = rows.data();
+      rows.restore(w_, s_, b_, st, N, K, g, b);
     }
-    dequantize_rows(src, sp, bp, st, op, N, K, g, b);
+    dequantize_rows(w_, s_, b_, st, op, N, K, g, b);
   });
 }
 
@@ -262,15 +288,39 @@ bool DequantizeCPU::is_equivalent(const mx::Primitive& other) const {
   return o && o->group_size_ == group_size_ && o->bits_ == bits_;
 }
 
+namespace {
+
+// Rows of D elements into the panel layout, panel by panel (in place: each
+// panel's rows are copied out first).
+template <typename T>
+void to_panels(const T* src, T* dst, int panels, int64_t D, bool in_place) {
+  ThreadPool::instance().parallel_for(panels, [&](int p, int) {
+    static thread_local std::vector<T> rows;
+    const T* from = src + p * D * kPanelRows;
+    if (in_place) {
+      rows.assign(from, from + D * kPanelRows);
+      from = rows.data();
+    }
+    T* to = dst + p * D * kPanelRows;
+    for (int64_t j = 0; j < D; ++j) {
+      for (int i = 0; i < kPanelRows; ++i) {
+        to[j * kPanelRows + i] = from[i * D + j];
+      }
+    }
+  });
+}
+
+} // namespace
+
 mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s_) {
   auto s = require_cpu_stream(s_, "pack_panels");
-  if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(0) % kPanelRows != 0) {
+  if ((w.itemsize() != 4 && w.itemsize() != 2) || w.ndim() != 2 || w.shape(0) % kPanelRows != 0) {
     throw std::invalid_argument(
-        "[mlx_llama.pack_panels] w must be a 2-D uint32 array with a multiple of 16 rows");
+        "[mlx_llama.pack_panels] expects a 2-D array of 16- or 32-bit elements with a multiple of 16 rows");
   }
   return mx::array(
       {w.shape(0) / kPanelRows, w.shape(1), kPanelRows},
-      mx::uint32,
+      w.dtype(),
       std::make_shared<PackPanelsCPU>(s),
       {contiguous_if_needed(w, s)});
 }
@@ -283,35 +333,24 @@ void PackPanelsCPU::eval_cpu(
   const bool in_place = w.is_donatable() && w.flags().row_contiguous;
   if (in_place) {
     // w's buffer under out's own (row-contiguous, 3-D) strides.
-    const int64_t D = out.shape(1);
-    out.copy_shared_buffer(w, {D * kPanelRows, kPanelRows, 1}, w.flags(), w.data_size());
+    out.copy_shared_buffer(w, {int64_t(out.shape(1)) * kPanelRows, kPanelRows, 1}, w.flags(), w.data_size());
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
   auto& enc = mx::cpu::get_command_encoder(stream());
   enc.set_input_array(w);
   enc.set_output_array(out);
-  enc.dispatch([src = w.data<uint32_t>(),
-                dst = out.data<uint32_t>(),
-                panels = out.shape(0),
-                D = int64_t(out.shape(1)),
-                in_place]() {
-    ThreadPool::instance().parallel_for(panels, [&](int p, int) {
-      // A panel's 16 rows, copied out first when rearranged in place.
-      static thread_local std::vector<uint32_t> rows;
-      const uint32_t* from = src + p * D * kPanelRows;
-      if (in_place) {
-        rows.assign(from, from + D * kPanelRows);
-        from = rows.data();
-      }
-      uint32_t* to = dst + p * D * kPanelRows;
-      for (int64_t j = 0; j < D; ++j) {
-        for (int i = 0; i < kPanelRows; ++i) {
-          to[j * kPanelRows + i] = from[i * D + j];
-        }
-      }
+  const int panels = out.shape(0);
+  const int64_t D = out.shape(1);
+  if (w.itemsize() == 4) {
+    enc.dispatch([src = w.data<uint32_t>(), dst = out.data<uint32_t>(), panels, D, in_place]() {
+      to_panels(src, dst, panels, D, in_place);
     });
-  });
+  } else {
+    enc.dispatch([src = w.data<uint16_t>(), dst = out.data<uint16_t>(), panels, D, in_place]() {
+      to_panels(src, dst, panels, D, in_place);
+    });
+  }
 }
 
 void PackPanelsCPU::eval_gpu(

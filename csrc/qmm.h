@@ -32,10 +32,11 @@ mx::array dequantize(
     int bits,
     mx::StreamOrDevice s = {});
 
-// w (N x D uint32, MLX layout, N a multiple of 16) in the panel layout the
-// AVX-512 kernels stream (QMatmulArgs::panels): (N / 16, D, 16). Rearranged
-// in place when w's buffer can be donated (a model's weights at load: no
-// second copy of the largest tensor), else into a new buffer.
+// w (N x D, 16- or 32-bit elements, N a multiple of 16: packed weights,
+// scales or biases in MLX's layout) in the panel layout the AVX-512 kernels
+// stream (QMatmulArgs::panels): (N / 16, D, 16). Rearranged in place when
+// w's buffer can be donated (a model's weights at load: no second copy of
+// the largest tensor), else into a new buffer.
 mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s = {});
 
 class PackPanelsCPU : public mx::Primitive {

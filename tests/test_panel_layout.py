@@ -57,11 +57,21 @@ def test_pack_panels_puts_16_rows_words_side_by_side_in_place_or_copied() -> Non
     assert np.array_equal(np.array(weight_rows(alone, ids)), rows[np.array(ids)])
 
 
+def test_pack_panels_arranges_scales_and_biases_too() -> None:
+    rng = np.random.default_rng(1)
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        rows = mx.array(rng.standard_normal((32, 6)).astype(np.float32)).astype(dtype)
+        expected = np.array(rows.astype(mx.float32)).reshape(2, 16, 6).transpose(0, 2, 1)
+        packed = to_panels(rows)
+        assert packed.dtype == dtype
+        assert np.array_equal(np.array(packed.astype(mx.float32)), expected)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
         (mx.zeros((40, 8), dtype=mx.uint32), "multiple of 16 rows"),
-        (mx.zeros((32, 8), dtype=mx.float32), "uint32"),
+        (mx.zeros((32, 8), dtype=mx.uint8), "16- or 32-bit"),
         (mx.zeros((16,), dtype=mx.uint32), "2-D"),
     ],
 )
@@ -85,15 +95,15 @@ def test_panel_layout_is_bit_identical_to_the_row_layout_for_every_m(bits: int, 
                 x[3] *= 100.0  # an outlier row must not leak into the others
                 for scale_dtype in (mx.float32, mx.bfloat16):
                     w, s, b = quantized(rng, n, k, g, bits, scale_dtype)
-                    p = to_panels(w)
+                    p, ps, pb = to_panels(w), to_panels(s), to_panels(b)
                     for m in M_VALUES:
                         xm = mx.array(x[:m])
                         rows = ext.quantized_matmul(xm, w, s, b, group_size=g, bits=bits, mode=kernel)
-                        panel = ext.quantized_matmul(xm, p, s, b, group_size=g, bits=bits, mode=kernel)
+                        panel = ext.quantized_matmul(xm, p, ps, pb, group_size=g, bits=bits, mode=kernel)
                         assert np.array_equal(bits_of(panel), bits_of(rows)), (g, n, k, scale_dtype, m)
-                    alone = [bits_of(ext.quantized_matmul(mx.array(x[i : i + 1]), p, s, b, group_size=g,
+                    alone = [bits_of(ext.quantized_matmul(mx.array(x[i : i + 1]), p, ps, pb, group_size=g,
                                                           bits=bits, mode=kernel))[0] for i in range(9)]
-                    batch = bits_of(ext.quantized_matmul(mx.array(x[:9]), p, s, b, group_size=g, bits=bits,
+                    batch = bits_of(ext.quantized_matmul(mx.array(x[:9]), p, ps, pb, group_size=g, bits=bits,
                                                          mode=kernel))
                     assert np.array_equal(batch, np.stack(alone)), (g, n, k, scale_dtype)
     finally:
@@ -106,14 +116,15 @@ def test_panel_layout_gives_the_row_layouts_result_on_every_other_path(
 ) -> None:
     """Kernels that read rows (the exact mode, the AVX2 tiles, bit widths the panels lack) restore them."""
     rng = np.random.default_rng(bits)
-    w, s, b = quantized(rng, 48, 256, 64, bits, mx.bfloat16)
-    p = to_panels(w)
     x = mx.array(rng.standard_normal((5, 256)).astype(np.float32))
-    for m in (1, 5):
-        rows = ext.quantized_matmul(x[:m], w, s, b, group_size=64, bits=bits, mode=kernel)
-        panel = ext.quantized_matmul(x[:m], p, s, b, group_size=64, bits=bits, mode=kernel)
-        assert np.array_equal(bits_of(panel), bits_of(rows)), (kernel_family, m)
-    assert np.array_equal(np.array(ext.dequantize(p, s, b, group_size=64, bits=bits)),
+    for scale_dtype in (mx.bfloat16, mx.float32):
+        w, s, b = quantized(rng, 48, 256, 64, bits, scale_dtype)
+        p, ps, pb = to_panels(w), to_panels(s), to_panels(b)
+        for m in (1, 5):
+            rows = ext.quantized_matmul(x[:m], w, s, b, group_size=64, bits=bits, mode=kernel)
+            panel = ext.quantized_matmul(x[:m], p, ps, pb, group_size=64, bits=bits, mode=kernel)
+            assert np.array_equal(bits_of(panel), bits_of(rows)), (kernel_family, m, scale_dtype)
+    assert np.array_equal(np.array(ext.dequantize(p, ps, pb, group_size=64, bits=bits)),
                           np.array(ext.dequantize(w, s, b, group_size=64, bits=bits)))
 
 
@@ -121,12 +132,12 @@ def test_panel_layout_on_mlx_own_kernels() -> None:
     """MLX_LLAMA_QMM=mlx after load: mx.quantized_matmul / mx.dequantize on the rows restored."""
     rng = np.random.default_rng(7)
     w, s, b = quantized(rng, 32, 128, 64, 4, mx.float32)
-    p = to_panels(w)
+    p, ps, pb = to_panels(w), to_panels(s), to_panels(b)
     x = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
     with extension.using_mode("mlx"):
-        assert np.array_equal(np.array(quantized_matmul(x, p, s, b, group_size=64, bits=4)),
+        assert np.array_equal(np.array(quantized_matmul(x, p, ps, pb, group_size=64, bits=4)),
                               np.array(quantized_matmul(x, w, s, b, group_size=64, bits=4)))
-        assert np.array_equal(np.array(dequantize(p, s, b, group_size=64, bits=4)),
+        assert np.array_equal(np.array(dequantize(p, ps, pb, group_size=64, bits=4)),
                               np.array(dequantize(w, s, b, group_size=64, bits=4)))
 
 
@@ -144,7 +155,7 @@ def test_loaded_model_in_panel_layout_gives_the_row_layouts_logits(
         panel = load_model(path)
         layer, embed = panel.model.layers[0].mlp.gate_up_proj, panel.model.embed_tokens
         expect_panels = extension.panel_layout_enabled()
-        assert layer.weight.ndim == (3 if expect_panels else 2)
+        assert layer.weight.ndim == layer.scales.ndim == layer.biases.ndim == (3 if expect_panels else 2)
         assert embed.weight.ndim == (3 if expect_panels and panel.config.tie_word_embeddings else 2)
         assert layer.output_dims == rows.model.layers[0].mlp.gate_up_proj.output_dims
         tokens = mx.array([[1, 7, 200, 3, 42, 99]])

@@ -6,9 +6,10 @@
 multi-threaded kernels on CPU streams (mode: `extension`), and with
 `mx.quantized_matmul` everywhere else.
 
-Weights may be in the panel layout (`to_panels`: 16 rows' words side by
-side, shape (N / 16, K * bits / 32, 16)), the order the AVX-512 kernels read
-them in; every function here takes either layout.
+A weight with its scales and biases may be in the panel layout
+(`to_panels` on all three: 16 rows' elements side by side, shapes (N / 16,
+K * bits / 32, 16) and (N / 16, K / group_size, 16)), the order the AVX-512
+kernels read them in; every function here takes either layout.
 
 Prefill (large M) uses the same kernels: dequantize + sgemm would also need a
 float32 copy of each weight per call (1 GB for a 128256x2048 lm_head).
@@ -26,24 +27,25 @@ from mlx_llama.kernels import extension
 PANEL_ROWS = 16
 
 
-def to_panels(w: mx.array) -> mx.array:
-    """`w` (N x D uint32, N a multiple of 16) in the panel layout; in place when nothing else holds `w`."""
-    return extension.module().pack_panels(w)
+def to_panels(a: mx.array) -> mx.array:
+    """`a` (N x D: a packed weight, its scales or biases; N a multiple of 16) in the panel layout;
+    rearranged in place when nothing else holds `a`."""
+    return extension.module().pack_panels(a)
 
 
-def from_panels(w: mx.array) -> mx.array:
-    """MLX's layout (N x D) of a weight in either layout."""
-    if w.ndim == 2:
-        return w
-    p, d, _ = w.shape
-    return w.swapaxes(1, 2).reshape(p * PANEL_ROWS, d)
+def from_panels(a: mx.array) -> mx.array:
+    """MLX's layout (N x D) of a weight, scales or biases in either layout."""
+    if a.ndim == 2:
+        return a
+    p, d, _ = a.shape
+    return a.swapaxes(1, 2).reshape(p * PANEL_ROWS, d)
 
 
-def weight_rows(w: mx.array, ids: mx.array) -> mx.array:
-    """Rows `ids` (1-D) of a weight in either layout, in MLX's layout (len(ids) x D)."""
-    if w.ndim == 2:
-        return w[ids]
-    return w[ids // PANEL_ROWS, :, ids % PANEL_ROWS]
+def weight_rows(a: mx.array, ids: mx.array) -> mx.array:
+    """Rows `ids` (1-D) of a weight, scales or biases in either layout, in MLX's layout (len(ids) x D)."""
+    if a.ndim == 2:
+        return a[ids]
+    return a[ids // PANEL_ROWS, :, ids % PANEL_ROWS]
 
 
 def quantized_matmul(
@@ -69,7 +71,8 @@ def quantized_matmul(
         )
     if scales.dtype != x.dtype:  # half-precision scales kept for our kernels (see reads_half_scales)
         scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
-    return mx.quantized_matmul(x, from_panels(w), scales, biases, transpose=True, group_size=group_size, bits=bits)
+    w, scales, biases = from_panels(w), from_panels(scales), from_panels(biases)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int) -> mx.array:
@@ -77,5 +80,6 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, group_size: i
     if extension.use_ext(extension.get_mode()) and group_size in (32, 64, 128):
         return extension.module().dequantize(w, scales, biases, group_size=group_size, bits=bits)
     return mx.dequantize(
-        from_panels(w), scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits
+        from_panels(w), from_panels(scales).astype(mx.float32), from_panels(biases).astype(mx.float32),
+        group_size=group_size, bits=bits,
     )

@@ -1,13 +1,15 @@
-"""Quantized weights rearranged once at load into the panel layout the AVX-512 kernels stream.
+"""Quantized weights (with their scales and biases) rearranged once at load into the panel layout
+the AVX-512 kernels stream.
 
 Checkpoints keep MLX's layout (files stay interchangeable with mlx-lm): one
 weight row of packed words after another.  A matmul tile reads 16 rows at a
 time word by word, so from that layout every call first transposes 16 rows
 through a buffer (or in registers), and the weights arrive as 16 streams.  In
 the panel layout (the 16 rows' words side by side) a tile reads its weights
-straight as one sequential stream, prefetched far enough ahead that they keep
-arriving while the arithmetic of several activation rows runs: a batched
-decode matmul (8 rows) is ~1.5x faster (benchmarks/kernel_small_m.py).
+straight as one sequential stream (and a panel's scales and biases, group by
+group, with no per-call transposing either), prefetched far enough ahead that
+they keep arriving while the arithmetic of several activation rows runs: a
+batched decode matmul (8 rows) is ~1.5x faster (benchmarks/kernel_small_m.py).
 
 Only weights the panel kernels will read are rearranged (CPU stream, AVX-512
 VNNI, 4/8-bit in the int8/int16 modes, 16 | rows); the rest stay as loaded.
@@ -49,8 +51,9 @@ def use_panel_layout(model: nn.Module, *, tied_embeddings: bool) -> int:
         k = w.shape[1] * 32 // layer.bits
         if not ext.panel_layout_supported(k, layer.group_size, layer.bits, extension.kernel_for(mode, layer.bits)):
             continue
-        layer.weight = to_panels(w)
-        del w  # the layer's new weight is then the only holder of the old buffer: rearranged in place
-        mx.eval(layer.weight)
+        del w  # the layer is then the only holder of the old buffers: rearranged in place
+        for name in ("weight", "scales", "biases"):
+            setattr(layer, name, to_panels(layer[name]))
+            mx.eval(layer[name])
         count += 1
     return count

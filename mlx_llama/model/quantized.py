@@ -105,7 +105,7 @@ class QuantizedEmbedding(nn.Module):
         # mx.dequantize expands into ~50 small graph nodes.
         ids = x.reshape(-1)
         rows = dequantize(
-            weight_rows(self["weight"], ids), self["scales"][ids], self["biases"][ids],
+            weight_rows(self["weight"], ids), weight_rows(self["scales"], ids), weight_rows(self["biases"], ids),
             group_size=self.group_size, bits=self.bits,
         )
         return rows.reshape(*x.shape, self.dims)
