@@ -8,7 +8,8 @@ Prints, in one run:
   and 8-bit weights, group size 64, on 8192x2048 and 128256x2048 matrices (ours
   cycles through copies of at least 256 MB in all, so weights come from memory):
   our int8-activation kernel (q8), for 8-bit weights our int16-activation
-  kernel (q16, the default there), our float32 kernel (exact) and
+  kernel (q16, the default there), both also on weights in the panel layout
+  the loader gives the AVX-512 kernels ("panels"), our float32 kernel (exact) and
   mx.quantized_matmul; ratio to the read bandwidth and speed-up over MLX;
 * prefill (M=512, 8192x2048) GFLOP/s: our kernels vs dequantize + mx.matmul
   (whatever BLAS mx.matmul runs on: mlx_llama routes it to OpenBLAS when
@@ -29,6 +30,7 @@ import numpy as np
 import mlx.core as mx
 import mlx_llama  # noqa: F401  (binds OpenBLAS under mx.matmul when available)
 from mlx_llama.kernels import extension
+from mlx_llama.kernels.qmatmul import to_panels
 
 
 STREAM_BYTES = 256 * 2**20  # GEMV weights per timed call: well past the last-level cache
@@ -127,12 +129,21 @@ def main() -> None:
             # (one 8192x2048 matrix fits this CPU's last-level cache).
             copies = [(w, s, b)] + [(w + 0, s + 0, b + 0) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
             mx.eval(copies)
+            # The layout the loader gives the AVX-512 kernels (mlx_llama/model/panel_weights.py).
+            panels = [tuple(map(to_panels, c)) for c in copies] if ext.panel_kernels() else []
+            mx.eval(panels)
             for mode in MODES[bits]:
                 t = timeit(
                     lambda: [ext.quantized_matmul(x, *c, group_size=64, bits=bits, mode=mode) for c in copies], reps
                 ) / len(copies)
                 rows.append((f"ours ({mode})", t))
-            del copies
+                if panels and mode != "exact":
+                    t = timeit(
+                        lambda: [ext.quantized_matmul(x, *c, group_size=64, bits=bits, mode=mode) for c in panels],
+                        reps,
+                    ) / len(panels)
+                    rows.append((f"ours ({mode}, panels)", t))
+            del copies, panels
             for name, t in rows:
                 gbs = nbytes / t / 1e9
                 print(
