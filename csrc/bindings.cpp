@@ -1,4 +1,6 @@
 // Python bindings: mlx_llama._qmm_ext
+#include <stdexcept>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
@@ -14,6 +16,24 @@ namespace nb = nanobind;
 namespace mx = mlx::core;
 using namespace nb::literals;
 
+namespace {
+
+// A kernel mode's name as Python passes it.
+mlx_llama::Mode parse_mode(const std::string& mode) {
+  if (mode == "q8") {
+    return mlx_llama::Mode::Q8;
+  }
+  if (mode == "q16") {
+    return mlx_llama::Mode::Q16;
+  }
+  if (mode == "exact") {
+    return mlx_llama::Mode::Exact;
+  }
+  throw std::invalid_argument("mode must be 'q8', 'q16' or 'exact'");
+}
+
+} // namespace
+
 NB_MODULE(_qmm_ext, m) {
   m.doc() = "mlx-llama CPU kernels for MLX affine-quantized matmul";
 
@@ -27,18 +47,8 @@ NB_MODULE(_qmm_ext, m) {
          int bits,
          const std::string& mode,
          mx::StreamOrDevice s) {
-        mlx_llama::Mode md;
-        if (mode == "q8") {
-          md = mlx_llama::Mode::Q8;
-        } else if (mode == "q16") {
-          md = mlx_llama::Mode::Q16;
-        } else if (mode == "exact") {
-          md = mlx_llama::Mode::Exact;
-        } else {
-          throw std::invalid_argument("mode must be 'q8', 'q16' or 'exact'");
-        }
         return mlx_llama::quantized_matmul(
-            x, w, scales, biases, group_size, bits, md, s);
+            x, w, scales, biases, group_size, bits, parse_mode(mode), s);
       },
       "x"_a,
       "w"_a,
@@ -73,8 +83,7 @@ NB_MODULE(_qmm_ext, m) {
   m.def(
       "panel_layout_supported",
       [](int K, int group_size, int bits, const std::string& mode) {
-        return mlx_llama::panel_supported(
-            K, group_size, bits, mode == "q16" ? mlx_llama::Mode::Q16 : (mode == "q8" ? mlx_llama::Mode::Q8 : mlx_llama::Mode::Exact));
+        return mlx_llama::panel_supported(K, group_size, bits, parse_mode(mode));
       },
       "K"_a,
       "group_size"_a,

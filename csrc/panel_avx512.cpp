@@ -77,6 +77,24 @@ struct Acts {
   int G;
 };
 
+// Cache lines of scales and as many of biases, prefetched a share at a time
+// by a tile that runs before they are read: issued at once, they overflow
+// the outstanding misses and come late (paired 1-thread GEMV from memory:
+// 20-21 vs 24-25 GB/s at 4 bits).
+struct ParamLines {
+  const char* s;
+  const char* b;
+  int64_t lines;
+};
+
+// Chunk c of nc's share of the lines.
+TARGET_AVX512 inline void prefetch_param_share(const ParamLines& p, int64_t c, int64_t nc) {
+  for (int64_t l = c * p.lines / nc; l < (c + 1) * p.lines / nc; ++l) {
+    _mm_prefetch(p.s + l * 64, _MM_HINT_T0);
+    _mm_prefetch(p.b + l * 64, _MM_HINT_T0);
+  }
+}
+
 // Packed weights and parameters of up to kMaxPanels consecutive panels.
 struct PanelSet {
   const uint32_t* w; // panel v: w + v * panel_words, D vectors of 16 words
@@ -89,18 +107,14 @@ struct PanelSet {
   // ahead of each block read; 0 when the panels were just packed into L1/L2.
   int64_t prefetch_bytes;
   // Scales and biases of the panels a set on, prefetched spread over this
-  // tile's blocks: issued at once, a set's lines overflow the outstanding
-  // misses and come late.
-  const char* next_s;
-  const char* next_b;
-  int64_t next_lines;
+  // tile's blocks (with prefetch_bytes).
+  ParamLines next_params;
   // Parameters in the panel layout (weights packed at load): panel v's
   // scales at raw_s + v * panel_params elements of raw_type, group-major like
   // s, read and widened by the tile (s and bb unused); null: s and bb.
   const void* raw_s;
   const void* raw_b;
   ScaleType raw_type;
-  float c; // 2^(bits - 1), for b + c s
 };
 
 // Sum of 16 floats in a fixed order (the group sums' bits depend on it).
@@ -392,10 +406,7 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
     __m512 t[R][V];
     for (int bi = 0; bi < bpg; ++bi, ++b) {
       if (ps.prefetch_bytes) {
-        for (int64_t l = b * ps.next_lines / x.nb; l < (b + 1) * ps.next_lines / x.nb; ++l) {
-          _mm_prefetch(ps.next_s + l * 64, _MM_HINT_T0);
-          _mm_prefetch(ps.next_b + l * 64, _MM_HINT_T0);
-        }
+        prefetch_param_share(ps.next_params, b, x.nb);
         // Each of the V streams prefetches its own bytes ahead: past its
         // panel's end that is the panel V on (the next tile's), not the one
         // its neighbour stream is reading already.
@@ -435,7 +446,8 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
       if (ps.raw_s) {
         const int64_t e = v * int64_t(ps.panel_params) + g * kCols;
         s = load_params16(ps.raw_s, e, ps.raw_type);
-        bb = _mm512_fmadd_ps(s, _mm512_set1_ps(ps.c), load_params16(ps.raw_b, e, ps.raw_type));
+        // b + c s with c = 2^(bits - 1), as pack_params computes it.
+        bb = _mm512_fmadd_ps(s, _mm512_set1_ps(float(1 << (BITS - 1))), load_params16(ps.raw_b, e, ps.raw_type));
       } else {
         s = _mm512_load_ps(sv[v] + g * kCols);
         bb = _mm512_load_ps(bv[v] + g * kCols);
@@ -456,22 +468,11 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
 
 // The next panel's bytes, prefetched by a decode tile while it runs: its
 // weight rows and its scales and biases, each spread evenly over the tile's
-// chunks. Issued together before a tile, the 32 scale/bias lines came too
-// late (paired 1-thread GEMV from memory: 20-21 vs 24-25 GB/s at 4 bits).
+// chunks.
 struct NextPanel {
   const char* w;
-  const char* s;
-  const char* b;
-  int64_t param_lines; // cache lines of scales (as many of biases)
+  ParamLines params;
 };
-
-// Chunk c of nc's share of the next panel's scale and bias lines.
-TARGET_AVX512 inline void prefetch_param_share(const NextPanel& next, int64_t c, int64_t nc) {
-  for (int64_t l = c * next.param_lines / nc; l < (c + 1) * next.param_lines / nc; ++l) {
-    _mm_prefetch(next.s + l * 64, _MM_HINT_T0);
-    _mm_prefetch(next.b + l * 64, _MM_HINT_T0);
-  }
-}
 
 // Few activation rows (R <= kMaxDirectRows, decode): one panel straight from
 // the weights, 16 words of its 16 rows at a time transposed in registers and
@@ -497,7 +498,7 @@ TARGET_AVX512 void direct_tile(
       v[i] = i < rows ? _mm512_maskz_loadu_epi32(mask, w + i * D + j0) : _mm512_setzero_si512();
       _mm_prefetch(next.w + (j0 * 16 + i * 16) * 4, _MM_HINT_T0);
     }
-    prefetch_param_share(next, j0 / 16, nc);
+    prefetch_param_share(next.params, j0 / 16, nc);
     transpose16(v);
 #pragma GCC unroll 4
     for (int lb = 0; lb < 16 / WPB; ++lb) {
@@ -586,7 +587,7 @@ TARGET_AVX512 void row_tile(
   for (int64_t j0 = 0; j0 < D; j0 += 16) {
     const int nj = static_cast<int>(std::min<int64_t>(16, D - j0));
     const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
-    prefetch_param_share(next, j0 / 16, nc);
+    prefetch_param_share(next.params, j0 / 16, nc);
     // 4 bits and int16: per 16 words two activation vectors (even/odd k, or the (k0, k2) and (k1, k3)
     // pairs); 8 bits with int8: one.
     constexpr bool two = BITS == 4 || X16;
@@ -761,6 +762,7 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
   const int bpg = a.group_size / 32;
   const int64_t panel_words = D * kCols;
   const int panel_params = G * kCols;
+  const int pbytes = a.stype == ScaleType::F32 ? 4 : 2; // bytes per scale or bias
   pool.parallel_for(nt * mt, [&](int task, int) {
     struct PanelScratch {
       std::vector<uint32_t> w;
@@ -787,7 +789,6 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
     if (a.M <= kMaxDirectRows && !a.panels) {
       const DirectFn row = a.bits == 4 ? row_tile<4, false> : (x16 ? row_tile<8, true> : row_tile<8, false>);
       const DirectFn fn = rows_layout ? row : direct[a.M - 1];
-      const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
       // The cache line holding row n's first scale (or bias).
       auto param_line = [&](const void* base, int n) {
         const uintptr_t at = reinterpret_cast<uintptr_t>(base) + uintptr_t(n) * G * pbytes;
@@ -802,8 +803,8 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
         // From a line start, bytes / 64 + 2 lines cover the panel's bytes however they are aligned.
         const int64_t param_bytes = int64_t(std::min(nn + kCols, a.N) - nn) * G * pbytes;
         const NextPanel next{
-            reinterpret_cast<const char*>(a.w + nn * D), param_line(a.scales, nn), param_line(a.biases, nn),
-            param_bytes / 64 + 2};
+            reinterpret_cast<const char*>(a.w + nn * D),
+            {param_line(a.scales, nn), param_line(a.biases, nn), param_bytes / 64 + 2}};
         fn(x, a.w + n0 * D, D, rows, s_p, bb_p, bpg, a.y + n0, a.N, next);
       }
       return;
@@ -812,23 +813,20 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
       const int np = std::min(kMaxPanels, p_end - p0);
       const int n0 = p0 * kCols;
       const int cols = std::min(np * kCols, a.N - n0);
-      // The next panels' bytes, prefetched while these are packed.
-      const int64_t next_n = std::min<int64_t>(a.N, n0 + 2 * kMaxPanels * kCols) - (n0 + np * kCols);
-      const char* next = reinterpret_cast<const char*>(a.w + (n0 + np * kCols) * D);
       // Packed here, or at load (a.panels: the weights stream in tile order).
       const uint32_t* wp = a.panels ? a.w + int64_t(p0) * panel_words : pw;
-      for (int v = 0; v < np; ++v) {
-        const int rows = std::min(kCols, cols - v * kCols);
-        if (!a.panels) {
+      if (!a.panels) {
+        // The next panels' bytes, prefetched while these are packed.
+        const int64_t next_n = std::min<int64_t>(a.N, n0 + 2 * kMaxPanels * kCols) - (n0 + np * kCols);
+        const char* next = reinterpret_cast<const char*>(a.w + (n0 + np * kCols) * D);
+        for (int v = 0; v < np; ++v) {
+          const int rows = std::min(kCols, cols - v * kCols);
           pack_words(
               a.w + (n0 + v * kCols) * D, D, rows, pw + v * panel_words, next + v * (next_n * D * 4 / np),
               std::max<int64_t>(0, next_n) * D * 4 / np);
-        }
-        if (!a.panels) {
           pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
         }
       }
-      const int pbytes = a.stype == ScaleType::F32 ? 4 : 2;
       for (int m = m0; m < m1; m += kMaxRows) {
         const int r = std::min(kMaxRows, m1 - m);
         const int V = panels_for_rows(r);
@@ -843,11 +841,10 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
           const PanelSet set{
               wp + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
               panel_words, panel_params, cols - v * kCols, ahead,
-              static_cast<const char*>(a.scales) + nn0 * G * pbytes,
-              static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64,
+              {static_cast<const char*>(a.scales) + nn0 * G * pbytes,
+               static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64},
               a.panels ? static_cast<const char*>(a.scales) + pe : nullptr,
-              a.panels ? static_cast<const char*>(a.biases) + pe : nullptr, a.stype,
-              static_cast<float>(1 << (a.bits - 1))};
+              a.panels ? static_cast<const char*>(a.biases) + pe : nullptr, a.stype};
           (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
           v += wide ? V : 1;
         }

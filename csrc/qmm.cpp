@@ -28,6 +28,11 @@ void check_params(int group_size, int bits) {
   }
 }
 
+// Weight rows of w: 2-D MLX layout or 3-D panel layout.
+int rows_of(const mx::array& w) {
+  return w.ndim() == 3 ? w.shape(0) * kPanelRows : w.shape(0);
+}
+
 // Validates shapes and returns (N, K).
 std::pair<int, int> check_weights(
     const mx::array& w,
@@ -41,7 +46,7 @@ std::pair<int, int> check_weights(
     throw std::invalid_argument(
         "[mlx_llama.quantized_matmul] w must be a 2-D uint32 array (or 3-D (N / 16, D, 16) from pack_panels)");
   }
-  const int N = panels ? w.shape(0) * kPanelRows : w.shape(0);
+  const int N = rows_of(w);
   const int64_t K64 = int64_t(w.shape(1)) * 32 / bits;
   if ((int64_t(w.shape(1)) * 32) % bits != 0 || K64 % group_size != 0) {
     throw std::invalid_argument(
@@ -86,11 +91,6 @@ ScaleType scale_type(const mx::array& a) {
     return ScaleType::BF16;
   }
   return a.dtype() == mx::float16 ? ScaleType::F16 : ScaleType::F32;
-}
-
-// Weight rows of w: 2-D MLX layout or 3-D panel layout.
-int rows_of(const mx::array& w) {
-  return w.ndim() == 3 ? w.shape(0) * kPanelRows : w.shape(0);
 }
 
 // N rows of D elements from the panel layout back to rows.

@@ -29,17 +29,16 @@ from mlx_llama.kernels.qmatmul import PANEL_ROWS, to_panels
 from mlx_llama.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 
-def use_panel_layout(model: nn.Module, *, tied_embeddings: bool) -> int:
-    """Rearrange the weight of every quantized layer the panel kernels will read; returns how many.
+def use_panel_layout(model: nn.Module, *, tied_embeddings: bool) -> None:
+    """Rearrange the weight, scales and biases of every quantized layer the panel kernels will read.
 
     The embedding table is rearranged only when it is also the output
     projection (`tied_embeddings`): its lookups read either layout.
     """
     if not extension.panel_layout_enabled():
-        return 0
+        return
     ext = extension.module()
     mode = extension.get_mode()
-    count = 0
     for _, layer in model.named_modules():
         if not isinstance(layer, (QuantizedLinear, QuantizedEmbedding)):
             continue
@@ -55,5 +54,3 @@ def use_panel_layout(model: nn.Module, *, tied_embeddings: bool) -> int:
         for name in ("weight", "scales", "biases"):
             setattr(layer, name, to_panels(layer[name]))
             mx.eval(layer[name])
-        count += 1
-    return count
