@@ -7,7 +7,9 @@
 #include <stdexcept>
 #include <vector>
 
+#include "attention_avx512.h"
 #include "cpu_eval.h"
+#include "exp_cephes.h"
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -113,17 +115,15 @@ TARGET_AVX2 void weighted_sum_avx2(const float* a, const float* v, int64_t v_str
 // polynomial; ~1 ulp), x clamped to [-87.3, 88.3]: no overflow to inf, and
 // tiny results instead of denormals.
 TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(
-      x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  namespace ce = cephes_exp;
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(ce::kLo)), _mm256_set1_ps(ce::kHi));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(ce::kLog2e), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(ce::kLn2Hi), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(ce::kLn2Lo), x);
+  __m256 y = _mm256_set1_ps(ce::kPoly[0]);
+  for (int i = 1; i < 6; ++i) {
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(ce::kPoly[i]));
+  }
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
   const __m256i n = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
@@ -594,6 +594,16 @@ void AttentionCPU::eval_cpu(
     const int B = q.shape(0), L = q.shape(1), H = q.shape(2), D = q.shape(3);
     const int Hkv = k.shape(1), T = k.shape(2);
     const int group = H / Hkv;
+    if (attention_avx512_supported(D)) {
+      // One task per (batch, kv head), all its rows and query heads at once.
+      ThreadPool::instance().parallel_for(B * Hkv, [&](int task, int) {
+        const int b = task / Hkv, kh = task % Hkv;
+        const int64_t at = (int64_t(b) * L * H + kh * group) * D;
+        attend_kv_head_avx512(qp + at, int64_t(H) * D, L, group, D, kp + b * kst[0] + kh * kst[1], kst[2],
+                              vp + b * vst[0] + kh * vst[1], vst[2], T, causal, scale, y + at);
+      });
+      return;
+    }
 #ifdef MLXL_X86
     if (cpu_has_avx2() && D % 8 == 0) {
       // One task per (batch, kv head): its query heads share each key load.
@@ -687,6 +697,17 @@ void AttentionRowsCPU::eval_cpu(
     }
     // Per row exactly attention()'s work for its (1, 1, H, D) query: one task
     // per (row, kv head) as its tasks are per (batch, kv head).
+    if (attention_avx512_supported(D)) {
+      ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
+        const int i = task / Hkv, kh = task % Hkv;
+        const KVView& kv = views[i];
+        const int64_t at = (int64_t(i) * H + kh * group) * D;
+        attend_kv_head_avx512(qp + at, int64_t(H) * D, 1, group, D, kv.k + kh * kv.k_strides[1], kv.k_strides[2],
+                              kv.v + kh * kv.v_strides[1], kv.v_strides[2], inputs[1 + 2 * i].shape(2), false, scale,
+                              y + at);
+      });
+      return;
+    }
 #ifdef MLXL_X86
     if (cpu_has_avx2() && D % 8 == 0) {
       ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {

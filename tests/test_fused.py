@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_llama.kernels import extension, ops as fused
 from mlx_llama.loader import load_model
@@ -88,6 +90,39 @@ def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
     close(ext.attention(q, k, v, scale=0.125, causal=causal), ref)
 
 
+@pytest.mark.parametrize("L,T", [(1, 100), (9, 100), (64, 64)])
+@pytest.mark.parametrize("D,heads,kv_heads", [(128, 12, 4), (80, 3, 1), (72, 4, 2), (16, 8, 1)])
+def test_attention_head_sizes(L, T, D, heads, kv_heads):
+    """Head sizes with one, two or a partial 64-float chunk of values (72: not a multiple of 16)."""
+    q, k, v = randn(1, L, heads, D), randn(1, kv_heads, T, D), randn(1, kv_heads, T, D)
+    ref = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), k, v, scale=D**-0.5,
+                                               mask="causal" if L > 1 else None).transpose(0, 2, 1, 3)
+    close(ext.attention(q, k, v, scale=D**-0.5, causal=L > 1), ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(L=st.integers(1, 40), past=st.integers(0, 40), group=st.sampled_from([1, 3, 4, 8]),
+       kv_heads=st.integers(1, 3), D=st.sampled_from([16, 64, 128]), threads=st.integers(1, 3))
+def test_prefill_rows_equal_decode_rows(L, past, group, kv_heads, D, threads):
+    """Row l of a causal chunk of L rows after `past` keys is bit-identical to that row alone
+    over its own past + l + 1 keys: a row's attention does not depend on how the prompt was
+    chunked (prefill chunks, decode steps, the engine's fixed chunk boundaries)."""
+    rng = np.random.default_rng(L * 1000 + past)
+    H, T = group * kv_heads, past + L
+    q = mx.array(rng.standard_normal((1, L, H, D)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((1, kv_heads, T, D)).astype(np.float32)) for _ in range(2))
+    before = ext.num_threads()
+    ext.set_num_threads(threads)
+    try:
+        chunk = np.array(ext.attention(q, k, v, scale=D**-0.5, causal=True))
+        for l in range(L):
+            n = past + l + 1
+            alone = ext.attention(q[:, l : l + 1], k[:, :, :n], v[:, :, :n], scale=D**-0.5, causal=False)
+            np.testing.assert_array_equal(chunk[:, l : l + 1], np.array(alone))
+    finally:
+        ext.set_num_threads(before)
+
+
 def test_attention_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
         ext.attention(randn(1, 1, 6, 64), randn(1, 4, 3, 64), randn(1, 4, 3, 64), scale=1.0, causal=False)
@@ -106,9 +141,10 @@ def test_mlx_mode_uses_mx_fast_with_the_same_layout():
         close(a, b)
 
 
-def test_scalar_path_in_subprocess():
-    """MLX_LLAMA_FORCE_SCALAR=1 (a CPU without AVX2) gives the same results."""
-    env = {**os.environ, "MLX_LLAMA_FORCE_SCALAR": "1"}
+@pytest.mark.parametrize("flag", ["MLX_LLAMA_FORCE_SCALAR", "MLX_LLAMA_NO_AVX512"])
+def test_other_cpu_paths_in_subprocess(flag):
+    """The paths of a CPU without AVX2 (FORCE_SCALAR) or without AVX-512 (NO_AVX512) pass the same tests."""
+    env = {**os.environ, flag: "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "not subprocess and not graph"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
