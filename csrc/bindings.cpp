@@ -180,6 +180,20 @@ NB_MODULE(_qmm_ext, m) {
       "stream"_a = nb::none(),
       "Row i of q (1, N, H, D) attends to kv[2i], kv[2i+1] (1, Hkv, T_i, D) -> (1, N, H, D), one graph node.");
 
+  m.def(
+      "attention_rows_update",
+      &mlx_llama::attention_rows_update,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "buffers"_a,
+      nb::kw_only(),
+      "slots"_a,
+      "lengths"_a,
+      "scale"_a,
+      "stream"_a = nb::none(),
+      "attention_rows after writing row i's k, v into slot slots[i] of buffers[2i], buffers[2i+1] IN PLACE.");
+
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
   m.def(
       "panel_kernels",

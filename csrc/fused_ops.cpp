@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -679,6 +680,48 @@ mx::array attention_rows(
   return mx::array({1, N, H, D}, mx::float32, std::make_shared<AttentionRowsCPU>(s, scale), inputs);
 }
 
+namespace {
+
+// Row i of q (1, N, H, D, row-major at qp) over keys [0, T[i]) of views[i]
+// into y: one task per (row, kv head), as attention() is per (batch, kv head).
+void attend_rows(const float* qp, const std::vector<KVView>& views, const std::vector<int>& T, int H, int Hkv, int D,
+                 float scale, float* y) {
+  const int N = static_cast<int>(views.size()), group = H / Hkv;
+  if (attention_avx512_supported(D)) {
+    ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
+      const int i = task / Hkv, kh = task % Hkv;
+      const KVView& kv = views[i];
+      const int64_t at = (int64_t(i) * H + kh * group) * D;
+      attend_kv_head_avx512(qp + at, int64_t(H) * D, 1, group, D, kv.k + kh * kv.k_strides[1], kv.k_strides[2],
+                            kv.v + kh * kv.v_strides[1], kv.v_strides[2], T[i], false, scale, y + at);
+    });
+    return;
+  }
+#ifdef MLXL_X86
+  if (cpu_has_avx2() && D % 8 == 0) {
+    ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
+      const int i = task / Hkv, kh = task % Hkv;
+      const KVView& kv = views[i];
+      std::vector<float> p(size_t(group) * T[i]);
+      const int64_t row = int64_t(i) * H + kh * group;
+      attend_group_avx2(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
+                        kv.v_strides[2], T[i], group, D, scale, p.data(), T[i], y + row * D);
+    });
+    return;
+  }
+#endif
+  ThreadPool::instance().parallel_for(N * H, [&](int task, int) {
+    const int i = task / H, h = task % H, kh = h / group;
+    const KVView& kv = views[i];
+    std::vector<float> p(T[i]);
+    const int64_t row = int64_t(i) * H + h;
+    attend_head(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
+                kv.v_strides[2], T[i], D, scale, p.data(), y + row * D);
+  });
+}
+
+} // namespace
+
 void AttentionRowsCPU::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
@@ -688,49 +731,14 @@ void AttentionRowsCPU::eval_cpu(
     std::vector<float> qs;
     const float* qp = row_major_f32(q, qs);
     const int N = q.shape(1), H = q.shape(2), D = q.shape(3);
-    const int Hkv = inputs[1].shape(1), group = H / Hkv;
     std::vector<std::vector<float>> scratch(size_t(2) * N);
     std::vector<KVView> views;
-    views.reserve(N);
+    std::vector<int> T;
     for (int i = 0; i < N; ++i) {
       views.push_back(kv_view(inputs[1 + 2 * i], inputs[2 + 2 * i], scratch[2 * i], scratch[2 * i + 1]));
+      T.push_back(inputs[1 + 2 * i].shape(2));
     }
-    // Per row exactly attention()'s work for its (1, 1, H, D) query: one task
-    // per (row, kv head) as its tasks are per (batch, kv head).
-    if (attention_avx512_supported(D)) {
-      ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
-        const int i = task / Hkv, kh = task % Hkv;
-        const KVView& kv = views[i];
-        const int64_t at = (int64_t(i) * H + kh * group) * D;
-        attend_kv_head_avx512(qp + at, int64_t(H) * D, 1, group, D, kv.k + kh * kv.k_strides[1], kv.k_strides[2],
-                              kv.v + kh * kv.v_strides[1], kv.v_strides[2], inputs[1 + 2 * i].shape(2), false, scale,
-                              y + at);
-      });
-      return;
-    }
-#ifdef MLXL_X86
-    if (cpu_has_avx2() && D % 8 == 0) {
-      ThreadPool::instance().parallel_for(N * Hkv, [&](int task, int) {
-        const int i = task / Hkv, kh = task % Hkv;
-        const KVView& kv = views[i];
-        const int T = inputs[1 + 2 * i].shape(2);
-        std::vector<float> p(size_t(group) * T);
-        const int64_t row = int64_t(i) * H + kh * group;
-        attend_group_avx2(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
-                          kv.v_strides[2], T, group, D, scale, p.data(), T, y + row * D);
-      });
-      return;
-    }
-#endif
-    ThreadPool::instance().parallel_for(N * H, [&](int task, int) {
-      const int i = task / H, h = task % H, kh = h / group;
-      const KVView& kv = views[i];
-      const int T = inputs[1 + 2 * i].shape(2);
-      std::vector<float> p(T);
-      const int64_t row = int64_t(i) * H + h;
-      attend_head(qp + row * D, kv.k + kh * kv.k_strides[1], kv.k_strides[2], kv.v + kh * kv.v_strides[1],
-                  kv.v_strides[2], T, D, scale, p.data(), y + row * D);
-    });
+    attend_rows(qp, views, T, H, inputs[1].shape(1), D, scale, y);
   });
 }
 
@@ -741,6 +749,90 @@ void AttentionRowsCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::a
 bool AttentionRowsCPU::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const AttentionRowsCPU*>(&other);
   return o && o->scale_ == scale_;
+}
+
+mx::array attention_rows_update(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    const std::vector<mx::array>& buffers,
+    const std::vector<int>& slots,
+    const std::vector<int>& lengths,
+    float scale,
+    mx::StreamOrDevice s_) {
+  auto s = mx::to_stream(s_);
+  for (auto* a : {&q, &k, &v}) {
+    check_float32_cpu(*a, "attention_rows_update", s);
+  }
+  if (q.ndim() != 4 || q.shape(0) != 1 || k.ndim() != 4 || k.shape() != v.shape() || k.shape(0) != 1 ||
+      k.shape(1) != q.shape(1) || k.shape(3) != q.shape(3) || k.shape(2) < 1 || q.shape(2) % k.shape(2) != 0) {
+    std::ostringstream msg;
+    msg << "[mlx_llama.attention_rows_update] q (1, N, H, D) and k, v (1, N, Hkv, D) do not match: q " << q.shape()
+        << ", k " << k.shape() << ", v " << v.shape();
+    throw std::invalid_argument(msg.str());
+  }
+  const int N = q.shape(1), Hkv = k.shape(2), D = q.shape(3);
+  if (buffers.size() != size_t(2) * N || slots.size() != size_t(N) || lengths.size() != size_t(N)) {
+    throw std::invalid_argument(
+        "[mlx_llama.attention_rows_update] needs a key and a value buffer, a slot and a length per row");
+  }
+  std::vector<mx::array> inputs{q, k, v};
+  for (size_t j = 0; j < buffers.size(); ++j) {
+    const mx::array& b = buffers[j];
+    const int i = static_cast<int>(j / 2);
+    check_float32_cpu(b, "attention_rows_update", s);
+    if (b.ndim() != 4 || b.shape(0) != 1 || b.shape(1) != Hkv || b.shape(3) != D ||
+        b.shape() != buffers[j & ~size_t(1)].shape() || slots[i] < 0 || slots[i] >= lengths[i] ||
+        lengths[i] > b.shape(2)) {
+      std::ostringstream msg;
+      msg << "[mlx_llama.attention_rows_update] row " << i << ": buffer " << b.shape() << ", slot " << slots[i]
+          << " and length " << lengths[i] << " do not fit (1, " << Hkv << ", capacity, " << D << ")";
+      throw std::invalid_argument(msg.str());
+    }
+    inputs.push_back(b);
+  }
+  return mx::array(q.shape(), mx::float32, std::make_shared<AttentionRowsUpdateCPU>(s, scale, slots, lengths),
+                   inputs);
+}
+
+void AttentionRowsUpdateCPU::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  for (size_t j = 3; j < inputs.size(); ++j) {
+    if (!inputs[j].flags().row_contiguous || inputs[j].data_size() != inputs[j].size()) {
+      throw std::runtime_error("[mlx_llama.attention_rows_update] internal error: a KV buffer is not contiguous");
+    }
+  }
+  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {});
+  enc.dispatch([inputs = std::vector<mx::array>(inputs), y = outputs[0].data<float>(), slots = slots_,
+                lengths = lengths_, scale = scale_]() mutable {
+    const mx::array &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    const int N = q.shape(1), H = q.shape(2), D = q.shape(3), Hkv = k.shape(2);
+    std::vector<float> ks, vs, qs;
+    const float* kp = row_major_f32(k, ks);
+    const float* vp = row_major_f32(v, vs);
+    std::vector<KVView> views;
+    for (int i = 0; i < N; ++i) {
+      // The caches' own buffers, written in place (see fused_ops.h).
+      float* kb = inputs[3 + 2 * i].data<float>();
+      float* vb = inputs[4 + 2 * i].data<float>();
+      const int64_t cap = inputs[3 + 2 * i].shape(2);
+      for (int h = 0; h < Hkv; ++h) {
+        std::memcpy(kb + (h * cap + slots[i]) * D, kp + (int64_t(i) * Hkv + h) * D, sizeof(float) * D);
+        std::memcpy(vb + (h * cap + slots[i]) * D, vp + (int64_t(i) * Hkv + h) * D, sizeof(float) * D);
+      }
+      views.push_back({kb, vb, {Hkv * cap * D, cap * D, D}, {Hkv * cap * D, cap * D, D}});
+    }
+    attend_rows(row_major_f32(q, qs), views, lengths, H, Hkv, D, scale, y);
+  });
+}
+
+void AttentionRowsUpdateCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu("attention_rows_update");
+}
+
+bool AttentionRowsUpdateCPU::is_equivalent(const mx::Primitive&) const {
+  return false; // it writes its inputs: two such nodes are never interchangeable
 }
 
 } // namespace mlx_llama

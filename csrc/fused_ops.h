@@ -69,6 +69,27 @@ mx::array attention_rows(
     float scale,
     mx::StreamOrDevice s = {});
 
+// attention_rows for decoding rows that each first store their token's key
+// and value: row i of k, v (1, N, Hkv, D) is written into slot slots[i] of
+// buffers[2i], buffers[2i + 1] (1, Hkv, capacity_i, D, row-contiguous), then
+// row i attends to their first lengths[i] slots, with attention_rows' bits.
+// Returns (1, N, H, D).
+//
+// The buffers are written IN PLACE, as a KV cache's own storage (llama.cpp's
+// way): the caller must hold the only copies and want them changed (the MLX
+// caches' reserve_one / Attention._attend_rows). A functional write
+// (SliceUpdate, then a view for the attention) is four graph nodes per cache
+// and layer: ~600 per B=8 step, whose dispatch was ~10% of the step.
+mx::array attention_rows_update(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    const std::vector<mx::array>& buffers,
+    const std::vector<int>& slots,
+    const std::vector<int>& lengths,
+    float scale,
+    mx::StreamOrDevice s = {});
+
 class RMSNormCPU : public mx::Primitive {
  public:
   RMSNormCPU(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
@@ -157,6 +178,23 @@ class AttentionRowsCPU : public mx::Primitive {
 
  private:
   float scale_;
+};
+
+class AttentionRowsUpdateCPU : public mx::Primitive {
+ public:
+  AttentionRowsUpdateCPU(mx::Stream stream, float scale, std::vector<int> slots, std::vector<int> lengths)
+      : mx::Primitive(stream), scale_(scale), slots_(std::move(slots)), lengths_(std::move(lengths)) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  const char* name() const override {
+    return "MlxLlamaAttentionRowsUpdate";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+  std::vector<int> slots_, lengths_;
 };
 
 } // namespace mlx_llama

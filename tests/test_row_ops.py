@@ -24,7 +24,7 @@ from mlx_llama.convert import convert
 from mlx_llama.kernels import extension
 from mlx_llama.kernels import ops
 from mlx_llama.loader import load_model
-from mlx_llama.model.llama import Model, _split_rows
+from mlx_llama.model.llama import Model
 
 ext = extension.module()
 pytestmark = pytest.mark.skipif(ext is None, reason="C++ extension not built")
@@ -164,9 +164,60 @@ def test_packed_steps_are_bit_identical_with_and_without_the_row_ops(
         assert a.shape == b.shape and (a.view(np.uint32) == b.view(np.uint32)).all(), step
 
 
-@pytest.mark.parametrize("n", [1, 2, 10, 11, 16, 101])
-def test_split_rows_hands_each_cache_its_own_row(n: int) -> None:
-    a = np.random.default_rng(n).standard_normal((1, 3, n, 4)).astype(np.float32)
-    rows = _split_rows(mx.array(a))
-    assert [r.shape for r in rows] == [(1, 3, 1, 4)] * n
-    assert all((np.array(r) == a[:, :, i : i + 1]).all() for i, r in enumerate(rows))
+@pytest.mark.parametrize(("H", "Hkv", "D"), [(8, 2, 64), (6, 3, 16), (4, 2, 12)], ids=["gqa4", "gqa2", "generic-d12"])
+@pytest.mark.parametrize("threads", THREADS)
+def test_attention_rows_update_writes_each_row_then_attends(threads: int, H: int, Hkv: int, D: int) -> None:
+    """Row i's key and value land in its slot of its own buffers (the next free one, or a ring
+    slot inside the attended range as a full rotating cache has), nothing else changes, and row i
+    attends as attention_rows does over the written buffers."""
+    ext.set_num_threads(threads)
+    rng = np.random.default_rng(H * 10 + D)
+    caps, slots, lengths = [256, 8, 64, 256], [0, 7, 3, 130], [1, 8, 64, 131]
+    N = len(caps)
+    q, k, v = (mx.array(rng.standard_normal((1, N, h, D)).astype(np.float32)) for h in (H, Hkv, Hkv))
+    host = [rng.standard_normal((1, Hkv, c, D)).astype(np.float32) for c in caps for _ in range(2)]
+    buffers = [mx.array(b) for b in host]
+    y = ops.attention_rows_update(q, k, v, buffers, slots, lengths, D**-0.5)
+    mx.eval(y)
+    expect = [b.copy() for b in host]
+    for i, s in enumerate(slots):
+        expect[2 * i][0, :, s] = np.array(k)[0, i]
+        expect[2 * i + 1][0, :, s] = np.array(v)[0, i]
+    for got, want in zip(buffers, expect):
+        np.testing.assert_array_equal(np.array(got), want)
+    keys = [mx.array(expect[2 * i][:, :, :n]) for i, n in enumerate(lengths)]
+    values = [mx.array(expect[2 * i + 1][:, :, :n]) for i, n in enumerate(lengths)]
+    assert (bits(y) == bits(ops.attention_rows(q, keys, values, D**-0.5))).all()
+
+
+def test_attention_rows_update_refuses_a_slot_outside_its_buffer() -> None:
+    q, k = mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 2, 16))
+    buf = mx.zeros((1, 2, 8, 16))
+    with pytest.raises(ValueError, match="row 0"):
+        ops.attention_rows_update(q, k, k, [buf, buf], [8], [8], 0.25)
+    with pytest.raises(ValueError, match="a slot and a length per row"):
+        ops.attention_rows_update(q, k, k, [buf], [0], [1], 0.25)
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 6], ids=["growing", "rotating"])
+def test_decode_rows_leave_each_cache_as_its_own_update_would(qmodel: Model, max_kv_size: int | None) -> None:
+    """After packed decode steps whose rows write their caches in place, every cache's state
+    (keys, values, positions) is bit-identical to the same tokens fed one by one through
+    update_and_fetch."""
+    rng = np.random.default_rng(3)
+    prompts = [list(map(int, rng.integers(3, 256, size=n))) for n in (1, 4, 9)]
+    packed = [qmodel.make_cache(max_kv_size, keep=2) for _ in prompts]
+    alone = [qmodel.make_cache(max_kv_size, keep=2) for _ in prompts]
+    for p, cp, ca in zip(prompts, packed, alone):
+        mx.eval(qmodel(mx.array([p]), cp), qmodel(mx.array([p]), ca))
+    for step in range(8):  # past max_kv_size: the rotating rings wrap
+        tokens = [int(t) for t in rng.integers(3, 256, size=len(prompts))]
+        logits = qmodel.forward_packed(mx.array([tokens]), [(1, cp) for cp in packed], list(range(len(tokens))))
+        mx.eval(logits, *[c.state[0] for cp in packed for c in cp])
+        for t, ca in zip(tokens, alone):
+            mx.eval(qmodel(mx.array([[t]]), ca))
+    for cp, ca in zip(packed, alone):
+        for lp, la in zip(cp, ca):
+            (kp, vp, pp), (ka, va, pa) = lp.state, la.state
+            np.testing.assert_array_equal(pp, pa)
+            assert (bits(kp) == bits(ka)).all() and (bits(vp) == bits(va)).all()

@@ -73,6 +73,20 @@ def attention_rows(q: mx.array, keys: list[mx.array], values: list[mx.array], sc
     return _row_ops().attention_rows(q, kv, scale=scale)
 
 
+def attention_rows_update(q: mx.array, k: mx.array, v: mx.array, buffers: list[mx.array], slots: list[int],
+                          lengths: list[int], scale: float) -> mx.array:
+    """`attention_rows` for decoding rows that first store their own key and value.
+
+    Row i of k and v (1, N, Hkv, D) goes into slot slots[i] of its cache's
+    buffers[2i], buffers[2i + 1] (1, Hkv, capacity, D), IN PLACE: they must be
+    a cache's own storage (`KVCache.reserve_one`), nothing else's.  Then row i
+    of q attends to their first lengths[i] slots, with the bits
+    `attention_rows` gives it → (1, N, H, D).  One graph node where each
+    cache's functional write and fetch were four.  Only where `has_row_ops`.
+    """
+    return _row_ops().attention_rows_update(q, k, v, buffers, slots=slots, lengths=lengths, scale=scale)
+
+
 def _row_ops() -> Any:
     ext = _ext()
     if ext is None:

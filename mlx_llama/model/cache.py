@@ -12,7 +12,7 @@ has seen, i.e. the position of the next token.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Protocol, Union
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +22,16 @@ from mlx_llama.errors import MlxLlamaError
 Mask = Union[None, str, mx.array]
 
 GROWTH_STEP = 256  # grow buffers in chunks so decode does not reallocate every token
+
+
+class SlotCache(Protocol):
+    """A cache whose buffers a decoding row's attention writes in place (`Attention._attend_rows`)."""
+
+    keys: mx.array | None
+    values: mx.array | None
+
+    def reserve_one(self, like: mx.array) -> tuple[int, int]:
+        """The slot the next token's key and value go to, and how many slots its query attends to."""
 
 
 def _grow(buf: mx.array | None, needed: int, like: mx.array, cap: int | None = None) -> mx.array:
@@ -68,6 +78,18 @@ class KVCache:
         self.values[..., self.offset:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def reserve_one(self, like: mx.array) -> tuple[int, int]:
+        """Room for one more token whose key is like `like` (1, kv_heads, 1, head_dim): the slot
+        its key and value go to, and how many slots its query then attends to.  The caller writes
+        the slot into `keys` and `values` in place (`ops.attention_rows_update`): the buffers are
+        this cache's alone (every update replaces them; `state` and fetches hand out views
+        that live for one step)."""
+        slot = self.offset
+        self.keys = _grow(self.keys, slot + 1, like)
+        self.values = _grow(self.values, slot + 1, like)
+        self.offset = slot + 1
+        return slot, slot + 1
 
     @property
     def nbytes(self) -> int:
@@ -157,21 +179,26 @@ class RotatingKVCache:
         return all_k, all_v
 
     def _update_one(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        slot, n = self.reserve_one(keys)
+        self.keys[..., slot : slot + 1, :] = keys
+        self.values[..., slot : slot + 1, :] = values
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+    def reserve_one(self, like: mx.array) -> tuple[int, int]:
+        """`KVCache.reserve_one`: the next free slot, or once full the ring's oldest window slot."""
         n = self.size
         if n < self.max_size:
             slot = n
-            self.keys = _grow(self.keys, n + 1, keys, cap=self.max_size)
-            self.values = _grow(self.values, n + 1, values, cap=self.max_size)
+            self.keys = _grow(self.keys, n + 1, like, cap=self.max_size)
+            self.values = _grow(self.values, n + 1, like, cap=self.max_size)
             self._pos = np.append(self._pos, self.offset)
             n += 1
         else:
             slot = self._ring
             self._ring = self.keep + (self._ring - self.keep + 1) % self.window
             self._pos[slot] = self.offset
-        self.keys[..., slot : slot + 1, :] = keys
-        self.values[..., slot : slot + 1, :] = values
         self.offset += 1
-        return self.keys[..., :n, :], self.values[..., :n, :]
+        return slot, n
 
     @property
     def state(self) -> tuple[mx.array, mx.array, np.ndarray]:

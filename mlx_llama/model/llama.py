@@ -12,7 +12,7 @@ import numpy as np
 
 from mlx_llama.kernels import ops as fused
 from mlx_llama.kernels import extension
-from mlx_llama.model.cache import make_cache
+from mlx_llama.model.cache import SlotCache, make_cache
 from mlx_llama.config import ModelConfig
 from mlx_llama.model.rope import RoPE
 
@@ -108,15 +108,17 @@ class Attention(nn.Module):
         # GQA: kv heads are shared by n_heads // n_kv_heads queries.
         return fused.attention(q, k, v, self.scale, mask).reshape(B, L, -1)
 
-    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence[Any]) -> mx.array:
+    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence[SlotCache]) -> mx.array:
         """One row per cache (rotated q, k (1, n, heads, head_dim)): each cache takes its row's
-        key and value, then one attention call over all n rows → (1, n, heads * head_dim)."""
-        # (1, kv_heads, n, head_dim), split into the rows' (1, kv_heads, 1, head_dim) a cache stores.
-        n = len(caches)
-        k_rows, v_rows = _split_rows(k.transpose(0, 2, 1, 3)), _split_rows(v.transpose(0, 2, 1, 3))
-        fetched = [cache.update_and_fetch(kj, vj) for cache, kj, vj in zip(caches, k_rows, v_rows)]
-        keys, values = [kv[0] for kv in fetched], [kv[1] for kv in fetched]
-        return fused.attention_rows(q, keys, values, self.scale).reshape(1, n, -1)
+        key and value into a slot it reserves, then row i attends to cache i, all in one call
+        → (1, n, heads * head_dim)."""
+        B, n, Hkv, D = k.shape
+        like = mx.zeros((1, Hkv, 1, D), dtype=k.dtype)  # only its shape and dtype: the buffers' growth
+        reserved = [cache.reserve_one(like) for cache in caches]
+        buffers = [b for cache in caches for b in (cache.keys, cache.values)]
+        y = fused.attention_rows_update(q, k, v, buffers, [r[0] for r in reserved], [r[1] for r in reserved],
+                                        self.scale)
+        return y.reshape(1, n, -1)
 
 
 def _runs(spans: Sequence[Span]) -> list[list[Span]]:
@@ -131,21 +133,6 @@ def _runs(spans: Sequence[Span]) -> list[list[Span]]:
         else:
             runs.append([span])
     return runs
-
-
-_SPLIT_MAX = 10  # MLX makes one Split node for up to this many parts, one Slice node per part beyond
-
-
-def _split_rows(a: mx.array) -> list[mx.array]:
-    """a (1, H, n, D) as n arrays (1, H, 1, D), in Split nodes of at most `_SPLIT_MAX` parts
-    (about n / 9 nodes, where slicing would make n)."""
-    n = a.shape[2]
-    if n == 1:
-        return [a]
-    if n <= _SPLIT_MAX:
-        return mx.split(a, n, axis=2)
-    groups = mx.split(a, list(range(_SPLIT_MAX, n, _SPLIT_MAX)), axis=2)
-    return [row for g in groups for row in _split_rows(g)]
 
 
 def _rows(a: mx.array, start: int, n: int, total: int) -> mx.array:
