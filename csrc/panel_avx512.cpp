@@ -344,8 +344,8 @@ TARGET_AVX512 inline __m512 add_group(__m512 acc, __m512 t, __m512 s, __m512 bb,
 // last panel may have fewer), over all of K. Several panels per call give
 // small R independent accumulator chains (a dpbusd chain is latency-bound
 // with one row); the per-element sequence (panel_avx512.h) does not depend
-// on R or V. IL: the activations interleaved by kMaxRows rows (Acts; m0 %
-// kMaxRows == 0), else plain rows (few rows, weights packed at load: the
+// on R or V. IL: the activations interleaved by kMaxRows rows (Acts; the
+// tile's rows within one group), else plain rows (few rows, weights packed at load: the
 // interleaved layout of one row would take 8 times its cache lines).
 template <int BITS, bool X16, int R, int V, bool IL>
 TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0, float* y, int64_t ldy) {
@@ -354,10 +354,11 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
   constexpr int64_t es = IL ? kMaxRows : 1; // between a row's per-block (per-group) values
   const int64_t q = IL ? m0 / kMaxRows : m0; // first row (IL: row group) of the tile
   const int64_t xr = IL ? 4 : x.xq_stride, dr = IL ? 1 : x.nb, gr = IL ? 1 : x.G; // between rows
-  const int8_t* xg = x.xq + q * es * x.xq_stride;
-  const float* dg = x.d + q * x.nb * es;
-  const int32_t* cg = x.ci + q * x.nb * es;
-  const float* sg = x.xsum + q * x.G * es;
+  const int64_t r0 = IL ? m0 % kMaxRows : 0; // the tile's first row within its group
+  const int8_t* xg = x.xq + q * es * x.xq_stride + r0 * 4;
+  const float* dg = x.d + q * x.nb * es + r0;
+  const int32_t* cg = x.ci + q * x.nb * es + r0;
+  const float* sg = x.xsum + q * x.G * es + r0;
   const __m512i* wv[V];
   const float* sv[V];
   const float* bv[V];
@@ -798,26 +799,40 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
           pack_params(a, n0 + v * kCols, rows, s_p + v * panel_params, bb_p + v * panel_params);
         }
       }
-      for (int m = m0; m < m1; m += kMaxRows) {
-        const int r = std::min(kMaxRows, m1 - m);
-        const int V = panels_for_rows(r);
-        for (int v = 0; v < np;) {
-          const bool wide = v + V <= np;
-          // The parameters of the panels kMaxPanels on from this tile's.
-          const int64_t nn0 = std::min<int64_t>(a.N, n0 + (kMaxPanels + v) * kCols);
-          const int64_t nn1 = std::min<int64_t>(a.N, nn0 + (wide ? V : 1) * kCols);
-          const int64_t ahead = !a.panels ? 0 : (interleaved ? kPrefetchManyRows : kPrefetchFewRows);
-          // Panel layout: this tile's parameters, panel p0 + v on.
-          const int64_t pe = (int64_t(p0) + v) * panel_params * pbytes;
-          const PanelSet set{
-              wp + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
-              panel_words, panel_params, cols - v * kCols, ahead,
-              {static_cast<const char*>(a.scales) + nn0 * G * pbytes,
-               static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64},
-              a.panels ? static_cast<const char*>(a.scales) + pe : nullptr,
-              a.panels ? static_cast<const char*>(a.biases) + pe : nullptr, a.stype};
-          (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
-          v += wide ? V : 1;
+      // Tile (rows m .. m + r, panels v ..): the set it reads and the call.
+      auto tile = [&](int v, int m, int r, bool wide, int V) {
+        // The parameters of the panels kMaxPanels on from this tile's.
+        const int64_t nn0 = std::min<int64_t>(a.N, n0 + (kMaxPanels + v) * kCols);
+        const int64_t nn1 = std::min<int64_t>(a.N, nn0 + (wide ? V : 1) * kCols);
+        const int64_t ahead = !a.panels ? 0 : (interleaved ? kPrefetchManyRows : kPrefetchFewRows);
+        // Panel layout: this tile's parameters, panel p0 + v on.
+        const int64_t pe = (int64_t(p0) + v) * panel_params * pbytes;
+        const PanelSet set{
+            wp + v * panel_words, s_p + v * panel_params, bb_p + v * panel_params,
+            panel_words, panel_params, cols - v * kCols, ahead,
+            {static_cast<const char*>(a.scales) + nn0 * G * pbytes,
+             static_cast<const char*>(a.biases) + nn0 * G * pbytes, ((nn1 - nn0) * G * pbytes + 63) / 64},
+            a.panels ? static_cast<const char*>(a.scales) + pe : nullptr,
+            a.panels ? static_cast<const char*>(a.biases) + pe : nullptr, a.stype};
+        (wide ? tiles_.wide : tiles_.single)[r - 1](x, set, bpg, m, a.y + n0 + v * kCols, a.N);
+      };
+      // Up to 8 rows (batched decode): one 8-row tile per panel reads each weight once. More
+      // (prefill): 4-row x 2-panel tiles, 5-13% faster on weights in cache (fewer broadcasts per
+      // dot product), panels outer and row blocks inner so that a block's panels are still in
+      // L1/L2 for the next block.
+      const int tile_rows = a.M <= kMaxRows ? kMaxRows : 4;
+      const int V = panels_for_rows(std::min(tile_rows, m1 - m0));
+      for (int v = 0; v < np; v += V) {
+        const int nv = std::min(V, np - v);
+        for (int m = m0; m < m1; m += tile_rows) {
+          const int r = std::min(tile_rows, m1 - m);
+          if (nv == V && panels_for_rows(r) == V) {
+            tile(v, m, r, true, V);
+          } else {
+            for (int u = 0; u < nv; ++u) {
+              tile(v + u, m, r, false, V);
+            }
+          }
         }
       }
     }
