@@ -6,6 +6,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention_avx512.h"
 #include "blas_dispatch.h"
 #include "fused_ops.h"
 #include "panel_avx512.h"
@@ -199,6 +200,10 @@ NB_MODULE(_qmm_ext, m) {
       "panel_kernels",
       &mlx_llama::panel_kernels_enabled,
       "Whether the AVX-512 VNNI panel kernels run the integer modes (else the AVX2 tiles).");
+  m.def(
+      "attention_avx512",
+      []() { return mlx_llama::attention_avx512_supported(64); },
+      "Whether attention runs the AVX-512 tiles (head sizes that are multiples of 16; else AVX2 or scalar).");
   m.def(
       "set_panel_kernels",
       &mlx_llama::set_panel_kernels,

@@ -123,6 +123,12 @@ def test_prefill_rows_equal_decode_rows(L, past, group, kv_heads, D, threads):
         ext.set_num_threads(before)
 
 
+def test_backend_name_names_the_attention_kernel():
+    assert ("AVX-512 attention" in extension.backend_name()) == ext.attention_avx512()
+    if os.environ.get("MLX_LLAMA_NO_AVX512") or os.environ.get("MLX_LLAMA_FORCE_SCALAR"):
+        assert not ext.attention_avx512()
+
+
 def test_attention_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
         ext.attention(randn(1, 1, 6, 64), randn(1, 4, 3, 64), randn(1, 4, 3, 64), scale=1.0, causal=False)

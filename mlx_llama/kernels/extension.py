@@ -160,7 +160,8 @@ def backend_name() -> str:
     else:
         kind = {"q8": "int8 activations", "q16": "int16 activations (8-bit weights)"}.get(mode, "float32 exact")
     layout = ", 4/8-bit weights in the panel layout" if panel_layout_enabled() else ""
-    return f"mlx-llama {isa} kernels, {kind}{layout}, {_ext.num_threads()} threads"
+    attention = ", AVX-512 attention" if _ext.attention_avx512() else ""
+    return f"mlx-llama {isa} kernels, {kind}{layout}{attention}, {_ext.num_threads()} threads"
 
 
 def panel_layout_enabled() -> bool:
