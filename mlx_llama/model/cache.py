@@ -83,8 +83,8 @@ class KVCache:
         """Room for one more token whose key is like `like` (1, kv_heads, 1, head_dim): the slot
         its key and value go to, and how many slots its query then attends to.  The caller writes
         the slot into `keys` and `values` in place (`ops.attention_rows_update`): the buffers are
-        this cache's alone (every update replaces them; `state` and fetches hand out views
-        that live for one step)."""
+        this cache's alone (its functional updates replace them with new arrays, and `state` and
+        fetches hand out views for the step that takes them; the prefix and prompt caches copy)."""
         slot = self.offset
         self.keys = _grow(self.keys, slot + 1, like)
         self.values = _grow(self.values, slot + 1, like)
