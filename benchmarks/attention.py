@@ -22,6 +22,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from kernel_gemv import cpu_extension
 from mlx_llama.kernels import extension
 from mlx_llama.kernels import ops as fused
 
@@ -44,12 +45,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     args = ap.parse_args()
-    mx.set_default_device(mx.cpu)
-    ext = extension._ext
-    if ext is None:
-        raise SystemExit(f"extension not available: {extension.backend_name()}")
-    if args.threads:
-        ext.set_num_threads(args.threads)
+    cpu_extension(args.threads)
     print(f"kernel: {extension.backend_name()}; {args.rounds} interleaved rounds")
     rng = np.random.default_rng(0)
 

@@ -27,6 +27,7 @@ import os
 import statistics
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,18 @@ def ext_read_bw(ext, a: mx.array, reps: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
+def cpu_extension(threads: int | None) -> Any:
+    """The extension module on MLX's CPU device, with `threads` kernel threads (None: its default);
+    exits with a one-line message when it is not built."""
+    mx.set_default_device(mx.cpu)
+    ext = extension._ext
+    if ext is None:
+        raise SystemExit(f"extension not available: {extension.backend_name()}")
+    if threads:
+        ext.set_num_threads(threads)
+    return ext
+
+
 # Our kernels per bit width (q16 is for 8-bit weights only).
 MODES = {4: ("q8", "exact"), 8: ("q16", "q8", "exact")}
 
@@ -85,13 +98,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved GEMV rounds (default 5, --quick 3)")
     args = ap.parse_args()
-    mx.set_default_device(mx.cpu)
-
-    ext = extension._ext
-    if ext is None:
-        raise SystemExit(f"extension not available: {extension.backend_name()}")
-    if args.threads:
-        ext.set_num_threads(args.threads)
+    ext = cpu_extension(args.threads)
     nthreads = ext.num_threads()
     print(f"kernel: {extension.backend_name()}")
     try:

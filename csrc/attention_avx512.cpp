@@ -11,11 +11,6 @@
 #include "kernels.h"
 
 #if defined(__x86_64__)
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() operands (see panel_avx512.cpp).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include "avx512_util.h"
 #include "exp_cephes.h"
 #endif

@@ -12,12 +12,6 @@
 #include "threadpool.h"
 
 #if defined(__x86_64__)
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() operands, which its
-// own -W(maybe-)uninitialized then reports from inside the headers.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include "avx512_util.h"
 #endif
 
