@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
 import numpy as np
 
-from kernel_gemv import cpu_extension
+from kernel_gemv import cpu_extension, timeit
 from mlx_llama.kernels import extension
 from mlx_llama.kernels import ops as fused
 
 H, HKV, D = 32, 8, 64
 PREFILL = [(128, 128), (512, 512), (512, 2048), (2048, 2048)]
 DECODE_T = [160, 1024, 4096]
-
-
-def best_of(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -73,8 +63,8 @@ def main() -> None:
         mx.eval(ours()), mx.eval(peer())
     for _ in range(args.rounds):
         for name, _, ours, peer, reps in cases:
-            times[name]["ours"].append(best_of(ours, reps))
-            times[name]["mx.fast"].append(best_of(peer, reps))
+            times[name]["ours"].append(timeit(ours, reps, warmup=0))
+            times[name]["mx.fast"].append(timeit(peer, reps, warmup=0))
     print()
     print(f"{'one layer':<24}{'ours ms':>10}{'GFLOP/s':>10}{'mx.fast ms':>12}{'GFLOP/s':>10}{'ours faster':>13}")
     for name, flops, *_ in cases:
