@@ -203,9 +203,9 @@ TARGET_AVX512 void attend_kv_head_avx512(
       transpose_keys(k, k_stride, T, D, blk, kt + int64_t(blk) * D * kKeys);
     }
   }
-  std::vector<const float*> qv;
-  std::vector<float*> pv, yv;
-  std::vector<int> n;
+  static thread_local std::vector<const float*> qv;
+  static thread_local std::vector<float*> pv, yv;
+  static thread_local std::vector<int> n;
   for (int l0 = 0; l0 < L; l0 += kRowBlock) {
     const int rows = std::min(kRowBlock, L - l0);
     const int nv = rows * group;
