@@ -8,7 +8,8 @@ the CPU has it, else its AVX2 one) and for MLX's own CPU
 `mx.fast.scaled_dot_product_attention`, measured in the same interleaved
 rounds, with GFLOP/s (2 * 2 * heads * D per (query, visible key)) and the
 ratio. The decode rows are B=8 sequences of T keys each in one
-`attention_rows` call, against 8 `mx.fast` calls.
+`attention_rows_update` call (each row writing its key and value into slot
+T - 1 of its own buffers first), against 8 `mx.fast` calls.
 
     python benchmarks/attention.py [--rounds N] [--threads N]
 """
@@ -51,9 +52,11 @@ def main() -> None:
             q.transpose(0, 2, 1, 3), k, v, scale=D**-0.5, mask="causal")
         cases.append((f"prefill L={L} T={T}", flops, ours, peer, 1 if L * T > 2**20 else 3))
     for T in DECODE_T:
-        q = randn(1, 8, H, D)
+        q, k, v = randn(1, 8, H, D), randn(1, 8, HKV, D), randn(1, 8, HKV, D)
         keys, values = [randn(1, HKV, T, D) for _ in range(8)], [randn(1, HKV, T, D) for _ in range(8)]
-        ours = lambda q=q, keys=keys, values=values: fused.attention_rows(q, keys, values, D**-0.5)
+        buffers = [b for pair in zip(keys, values) for b in pair]
+        ours = lambda q=q, k=k, v=v, buffers=buffers, T=T: fused.attention_rows_update(
+            q, k, v, buffers, [T - 1] * 8, [T] * 8, D**-0.5)
         peer = lambda q=q, keys=keys, values=values: [
             mx.fast.scaled_dot_product_attention(q[:, i : i + 1].transpose(0, 2, 1, 3), keys[i], values[i],
                                                  scale=D**-0.5) for i in range(8)]

@@ -62,7 +62,6 @@ from mlx_llama.model import llama, quantized  # noqa: E402
 TIMED_OPS = [
     (quantized, "quantized_matmul", "quantized matmuls"),
     (llama.fused, "attention", "attention (per sequence)"),
-    (llama.fused, "attention_rows", "attention (decode rows, one call)"),
     (llama.fused, "attention_rows_update", "attention + KV writes (decode rows, one call)"),
     (llama.fused, "rope", "RoPE"),
     (llama.fused, "rope_rows", "RoPE"),

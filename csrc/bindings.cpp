@@ -172,16 +172,6 @@ NB_MODULE(_qmm_ext, m) {
       "softmax(q k^T * scale) v for q (B, L, H, D), k/v (B, Hkv, T, D) -> (B, L, H, D).");
 
   m.def(
-      "attention_rows",
-      &mlx_llama::attention_rows,
-      "q"_a,
-      "kv"_a,
-      nb::kw_only(),
-      "scale"_a,
-      "stream"_a = nb::none(),
-      "Row i of q (1, N, H, D) attends to kv[2i], kv[2i+1] (1, Hkv, T_i, D) -> (1, N, H, D), one graph node.");
-
-  m.def(
       "attention_rows_update",
       &mlx_llama::attention_rows_update,
       "q"_a,
@@ -193,7 +183,7 @@ NB_MODULE(_qmm_ext, m) {
       "lengths"_a,
       "scale"_a,
       "stream"_a = nb::none(),
-      "attention_rows after writing row i's k, v into slot slots[i] of buffers[2i], buffers[2i+1] IN PLACE.");
+      "Row i of q (1, N, H, D) attends to the first lengths[i] slots of buffers[2i], buffers[2i+1] after row i's k, v (1, N, Hkv, D) are written into slot slots[i] IN PLACE -> (1, N, H, D), one graph node.");
 
   m.def("isa", &mlx_llama::isa, "SIMD level picked at runtime.");
   m.def(

@@ -648,38 +648,6 @@ bool AttentionCPU::is_equivalent(const mx::Primitive& other) const {
   return o && o->scale_ == scale_ && o->causal_ == causal_;
 }
 
-mx::array attention_rows(
-    const mx::array& q,
-    const std::vector<mx::array>& kv,
-    float scale,
-    mx::StreamOrDevice s_) {
-  auto s = mx::to_stream(s_);
-  check_float32_cpu(q, "attention_rows", s);
-  if (q.ndim() != 4 || q.shape(0) != 1) {
-    throw std::invalid_argument("[mlx_llama.attention_rows] q must be (1, N, H, D)");
-  }
-  const int N = q.shape(1), H = q.shape(2), D = q.shape(3);
-  if (kv.size() != size_t(2) * N) {
-    throw std::invalid_argument(
-        "[mlx_llama.attention_rows] needs a key and a value array per query row");
-  }
-  for (size_t i = 0; i < kv.size(); i += 2) {
-    const mx::array &k = kv[i], &v = kv[i + 1];
-    check_float32_cpu(k, "attention_rows", s);
-    check_float32_cpu(v, "attention_rows", s);
-    if (k.ndim() != 4 || k.shape() != v.shape() || k.shape(0) != 1 || k.shape(1) != kv[0].shape(1) ||
-        k.shape(2) < 1 || k.shape(3) != D || H % k.shape(1) != 0) {
-      std::ostringstream msg;
-      msg << "[mlx_llama.attention_rows] row " << i / 2 << ": q (1, N, H, D) and k, v "
-             "(1, Hkv, T, D) do not match: q " << q.shape() << ", k " << k.shape() << ", v " << v.shape();
-      throw std::invalid_argument(msg.str());
-    }
-  }
-  std::vector<mx::array> inputs{q};
-  inputs.insert(inputs.end(), kv.begin(), kv.end());
-  return mx::array({1, N, H, D}, mx::float32, std::make_shared<AttentionRowsCPU>(s, scale), inputs);
-}
-
 namespace {
 
 // Row i of q (1, N, H, D, row-major at qp) over keys [0, T[i]) of views[i]
@@ -721,35 +689,6 @@ void attend_rows(const float* qp, const std::vector<KVView>& views, const std::v
 }
 
 } // namespace
-
-void AttentionRowsCPU::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  auto& enc = prepare_cpu_eval(stream(), inputs, outputs, {});
-  enc.dispatch([inputs, y = outputs[0].data<float>(), scale = scale_]() {
-    const mx::array& q = inputs[0];
-    std::vector<float> qs;
-    const float* qp = row_major_f32(q, qs);
-    const int N = q.shape(1), H = q.shape(2), D = q.shape(3);
-    std::vector<std::vector<float>> scratch(size_t(2) * N);
-    std::vector<KVView> views;
-    std::vector<int> T;
-    for (int i = 0; i < N; ++i) {
-      views.push_back(kv_view(inputs[1 + 2 * i], inputs[2 + 2 * i], scratch[2 * i], scratch[2 * i + 1]));
-      T.push_back(inputs[1 + 2 * i].shape(2));
-    }
-    attend_rows(qp, views, T, H, inputs[1].shape(1), D, scale, y);
-  });
-}
-
-void AttentionRowsCPU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu("attention_rows");
-}
-
-bool AttentionRowsCPU::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const AttentionRowsCPU*>(&other);
-  return o && o->scale_ == scale_;
-}
 
 mx::array attention_rows_update(
     const mx::array& q,

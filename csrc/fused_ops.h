@@ -58,22 +58,13 @@ mx::array attention(
     bool causal,
     mx::StreamOrDevice s = {});
 
-// Attention of N query rows, each over its own keys: q (1, N, H, D) and
-// kv = {k_0, v_0, ..., k_{N-1}, v_{N-1}} with k_i, v_i (1, Hkv, T_i, D) (any
-// strides; T_i may differ). Row i gets the bits attention(q[:, i:i+1], k_i,
-// v_i, scale, false) gives it: one call for every decode row of a packed
-// step instead of one per sequence. Returns (1, N, H, D).
-mx::array attention_rows(
-    const mx::array& q,
-    const std::vector<mx::array>& kv,
-    float scale,
-    mx::StreamOrDevice s = {});
-
-// attention_rows for decoding rows that each first store their token's key
-// and value: row i of k, v (1, N, Hkv, D) is written into slot slots[i] of
-// buffers[2i], buffers[2i + 1] (1, Hkv, capacity_i, D, row-contiguous), then
-// row i attends to their first lengths[i] slots, with attention_rows' bits.
-// Returns (1, N, H, D).
+// Attention of N decoding rows, each over its own cache, after storing its
+// token's key and value: row i of k, v (1, N, Hkv, D) is written into slot
+// slots[i] of buffers[2i], buffers[2i + 1] (1, Hkv, capacity_i, D,
+// row-contiguous), then row i of q (1, N, H, D) attends to their first
+// lengths[i] slots, with the bits attention(q[:, i:i+1], those slots, scale,
+// false) gives it: one call for every decode row of a packed step instead of
+// one per sequence. Returns (1, N, H, D).
 //
 // The buffers are written IN PLACE, as a KV cache's own storage (llama.cpp's
 // way): the caller must hold the only copies and want them changed (the MLX
@@ -163,21 +154,6 @@ class AttentionCPU : public mx::Primitive {
  private:
   float scale_;
   bool causal_;
-};
-
-class AttentionRowsCPU : public mx::Primitive {
- public:
-  AttentionRowsCPU(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
-      override;
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
-  const char* name() const override {
-    return "MlxLlamaAttentionRows";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override;
-
- private:
-  float scale_;
 };
 
 class AttentionRowsUpdateCPU : public mx::Primitive {

@@ -79,11 +79,16 @@ def test_swiglu_on_halves_of_a_fused_projection():
 @pytest.mark.parametrize("L,T,causal", [(1, 1, False), (1, 37, False), (5, 37, True), (4, 4, True), (3, 20, False),
                                          (40, 48, True), (33, 33, True)])  # prefill chunks take this kernel too
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
-def test_attention_on_cache_views(L, T, causal, heads, kv_heads):
-    """k/v are slices of a larger (B, Hkv, capacity, D) buffer, as the KV cache hands them."""
+@pytest.mark.parametrize("layout", ["view", "strided-d"])
+def test_attention_on_cache_views(L, T, causal, heads, kv_heads, layout):
+    """k/v are slices of a larger (B, Hkv, capacity, D) buffer, as the KV cache hands them, or have
+    a strided D (read through a row-major copy)."""
     q = randn(2, L, heads, 64)
-    kbuf, vbuf = randn(2, kv_heads, 48, 64), randn(2, kv_heads, 48, 64)
-    k, v = kbuf[:, :, :T, :], vbuf[:, :, :T, :]
+    if layout == "view":
+        kbuf, vbuf = randn(2, kv_heads, 48, 64), randn(2, kv_heads, 48, 64)
+        k, v = kbuf[:, :, :T, :], vbuf[:, :, :T, :]
+    else:
+        k, v = randn(2, kv_heads, 64, T).transpose(0, 1, 3, 2), randn(2, kv_heads, 64, T).transpose(0, 1, 3, 2)
     ref = mx.fast.scaled_dot_product_attention(
         q.transpose(0, 2, 1, 3), k, v, scale=0.125, mask="causal" if causal else None
     ).transpose(0, 2, 1, 3)

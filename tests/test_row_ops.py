@@ -1,14 +1,15 @@
 """The per-row RoPE and attention ops of a packed step equal the per-sequence ops bit for bit.
 
-`rope_rows` (a position per row) and `attention_rows` (row i over its own
-keys) replace one `rope` and one `attention` call per sequence in
-`Attention.packed`; batch invariance and the engine's agreement with the
-single-sequence loop rest on their giving each row the same bits.  Checked
-op by op (GQA group sizes with and without a remainder of the 4-head
-blocks, the generic path for D not a multiple of 8, cache views and
-copies, varying T_i, 1 and 2 threads) and through the model (rotating
-caches that wrapped at different steps, decode rows mixed with prefill
-chunks, two chunks of one prompt in one step).
+`rope_rows` (a position per row) and `attention_rows_update` (row i writes
+its key and value into its own cache, then attends to it) replace one `rope`,
+one cache update and one `attention` call per sequence in `Attention.packed`;
+batch invariance and the engine's agreement with the single-sequence loop
+rest on their giving each row the same bits.  Checked op by op (GQA group
+sizes with and without a remainder of the 4-head blocks, the generic path
+for D not a multiple of 8, ring slots, varying T_i, 1 and 2 threads) and
+through the model (rotating caches that wrapped at different steps, decode
+rows mixed with prefill chunks, two chunks of one prompt in one step, cache
+states against token-by-token updates).
 """
 
 from __future__ import annotations
@@ -69,45 +70,6 @@ def test_rope_rows_rotates_each_row_as_rope_does_at_its_position(threads: int) -
     assert (bits(y2[1]) == bits(ext.rope(x2[1:2], 8, periods)[0])).all()
 
 
-def cache_view(rng: np.random.Generator, hkv: int, T: int, D: int, layout: str) -> mx.array:
-    """(1, hkv, T, D) keys as the caches hand them: a view of a larger buffer, or with a strided D."""
-    if layout == "view":
-        buf = mx.array(rng.standard_normal((1, hkv, T + 40, D)).astype(np.float32))
-        return buf[..., :T, :]
-    return mx.array(rng.standard_normal((1, hkv, D, T)).astype(np.float32)).transpose(0, 1, 3, 2)
-
-
-@pytest.mark.parametrize(
-    ("H", "Hkv", "D"),
-    [(8, 2, 64), (6, 2, 64), (4, 4, 16), (4, 2, 12)],
-    ids=["gqa4", "gqa3", "mha", "generic-d12"],
-)
-@pytest.mark.parametrize("layout", ["view", "strided-d"])
-@pytest.mark.parametrize("threads", THREADS)
-def test_attention_rows_attends_each_row_as_attention_does(threads: int, H: int, Hkv: int, D: int,
-                                                           layout: str) -> None:
-    ext.set_num_threads(threads)
-    rng = np.random.default_rng(H * 100 + D)
-    lengths = [1, 3, 17, 64, 200, 9]
-    q = mx.array(rng.standard_normal((1, len(lengths), H, D)).astype(np.float32))
-    keys = [cache_view(rng, Hkv, T, D, layout) for T in lengths]
-    values = [cache_view(rng, Hkv, T, D, layout) for T in lengths]
-    scale = D**-0.5
-    y = ops.attention_rows(q, keys, values, scale)
-    for i in range(len(lengths)):
-        alone = ext.attention(q[:, i : i + 1], keys[i], values[i], scale=scale, causal=False)
-        assert (bits(y[:, i : i + 1]) == bits(alone)).all(), i
-
-
-def test_attention_rows_refuses_mismatched_inputs() -> None:
-    q = mx.zeros((1, 2, 4, 16))
-    k = mx.zeros((1, 2, 5, 16))
-    with pytest.raises(ValueError, match="a key and a value array per query row"):
-        ops.attention_rows(q, [k], [k], 0.25)
-    with pytest.raises(ValueError, match="row 1"):
-        ops.attention_rows(q, [k, k], [k, mx.zeros((1, 2, 6, 16))], 0.25)
-
-
 @pytest.fixture(scope="module")
 def qmodel(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Model:
     out = tmp_path_factory.mktemp("q4") / "model"
@@ -164,20 +126,26 @@ def test_packed_steps_are_bit_identical_with_and_without_the_row_ops(
         assert a.shape == b.shape and (a.view(np.uint32) == b.view(np.uint32)).all(), step
 
 
-@pytest.mark.parametrize(("H", "Hkv", "D"), [(8, 2, 64), (6, 3, 16), (4, 2, 12)], ids=["gqa4", "gqa2", "generic-d12"])
+@pytest.mark.parametrize(
+    ("H", "Hkv", "D"),
+    [(8, 2, 64), (6, 2, 64), (6, 3, 16), (4, 4, 16), (4, 2, 12)],
+    ids=["gqa4", "gqa3", "gqa2", "mha", "generic-d12"],
+)
 @pytest.mark.parametrize("threads", THREADS)
-def test_attention_rows_update_writes_each_row_then_attends(threads: int, H: int, Hkv: int, D: int) -> None:
+def test_attention_rows_update_writes_each_row_then_attends_as_attention_does(threads: int, H: int, Hkv: int,
+                                                                             D: int) -> None:
     """Row i's key and value land in its slot of its own buffers (the next free one, or a ring
     slot inside the attended range as a full rotating cache has), nothing else changes, and row i
-    attends as attention_rows does over the written buffers."""
+    gets the bits attention gives its query alone over the written buffers' first lengths[i] slots."""
     ext.set_num_threads(threads)
     rng = np.random.default_rng(H * 10 + D)
-    caps, slots, lengths = [256, 8, 64, 256], [0, 7, 3, 130], [1, 8, 64, 131]
+    caps, slots, lengths = [256, 8, 64, 256, 256, 16], [0, 7, 3, 130, 199, 8], [1, 8, 64, 131, 200, 9]
     N = len(caps)
     q, k, v = (mx.array(rng.standard_normal((1, N, h, D)).astype(np.float32)) for h in (H, Hkv, Hkv))
     host = [rng.standard_normal((1, Hkv, c, D)).astype(np.float32) for c in caps for _ in range(2)]
     buffers = [mx.array(b) for b in host]
-    y = ops.attention_rows_update(q, k, v, buffers, slots, lengths, D**-0.5)
+    scale = D**-0.5
+    y = ops.attention_rows_update(q, k, v, buffers, slots, lengths, scale)
     mx.eval(y)
     expect = [b.copy() for b in host]
     for i, s in enumerate(slots):
@@ -185,18 +153,23 @@ def test_attention_rows_update_writes_each_row_then_attends(threads: int, H: int
         expect[2 * i + 1][0, :, s] = np.array(v)[0, i]
     for got, want in zip(buffers, expect):
         np.testing.assert_array_equal(np.array(got), want)
-    keys = [mx.array(expect[2 * i][:, :, :n]) for i, n in enumerate(lengths)]
-    values = [mx.array(expect[2 * i + 1][:, :, :n]) for i, n in enumerate(lengths)]
-    assert (bits(y) == bits(ops.attention_rows(q, keys, values, D**-0.5))).all()
+    for i, n in enumerate(lengths):
+        alone = ext.attention(q[:, i : i + 1], mx.array(expect[2 * i][:, :, :n]),
+                              mx.array(expect[2 * i + 1][:, :, :n]), scale=scale, causal=False)
+        assert (bits(y[:, i : i + 1]) == bits(alone)).all(), i
 
 
-def test_attention_rows_update_refuses_a_slot_outside_its_buffer() -> None:
-    q, k = mx.zeros((1, 1, 4, 16)), mx.zeros((1, 1, 2, 16))
+def test_attention_rows_update_refuses_mismatched_inputs() -> None:
+    q, k = mx.zeros((1, 2, 4, 16)), mx.zeros((1, 2, 2, 16))
     buf = mx.zeros((1, 2, 8, 16))
     with pytest.raises(ValueError, match="row 0"):
-        ops.attention_rows_update(q, k, k, [buf, buf], [8], [8], 0.25)
+        ops.attention_rows_update(q, k, k, [buf, buf, buf, buf], [8, 0], [8, 1], 0.25)
     with pytest.raises(ValueError, match="a slot and a length per row"):
         ops.attention_rows_update(q, k, k, [buf], [0], [1], 0.25)
+    with pytest.raises(ValueError, match="row 1"):
+        ops.attention_rows_update(q, k, k, [buf, buf, buf, mx.zeros((1, 2, 6, 16))], [0, 0], [1, 1], 0.25)
+    with pytest.raises(ValueError, match="do not match"):
+        ops.attention_rows_update(q, mx.zeros((1, 2, 3, 16)), k, [buf] * 4, [0, 0], [1, 1], 0.25)
 
 
 @pytest.mark.parametrize("max_kv_size", [None, 6], ids=["growing", "rotating"])

@@ -7,10 +7,10 @@ sequence's new tokens — one for a decoding sequence, a prefill chunk for one
 that is still reading its prompt — into a single (1, N, hidden) activation, so
 each projection and MLP matmul is ONE call over all N rows
 (`Model.forward_packed`), and so, with the extension's CPU ops, are RoPE (a
-position per row) and the decoding rows' attention (row i over its own
-sequence's cache, `ops.attention_rows`); a prefill chunk attends on its own
-(causal or rotating-window mask), and each cache takes its own rows' keys and
-values.  Elsewhere (Metal, no extension) RoPE and attention run per sequence.
+position per row) and the decoding rows' attention (row i writes its key and
+value into its own sequence's cache in place, then attends to it:
+`ops.attention_rows_update`); a prefill chunk attends on its own (causal or
+rotating-window mask), and its cache takes its keys and values.  Elsewhere (Metal, no extension) RoPE and attention run per sequence.
 There is no padding and no cross-sequence mask.
 
 Batch invariance.  A row's logits depend on its batch-mates only through how

@@ -47,7 +47,7 @@ def rope(x: mx.array, offset: int, periods: mx.array) -> mx.array:
 
 
 def has_row_ops(dtype: mx.Dtype) -> bool:
-    """Whether `rope_rows` and `attention_rows` run for activations of `dtype` (the extension's CPU ops).
+    """Whether `rope_rows` and `attention_rows_update` run for activations of `dtype` (the extension's CPU ops).
 
     Elsewhere callers keep one `rope` and `attention` call per sequence:
     mx.fast has no per-row positions nor per-row key sets.
@@ -63,26 +63,17 @@ def rope_rows(x: mx.array, positions: mx.array, periods: mx.array) -> mx.array:
     return _row_ops().rope_rows(x, positions, periods)
 
 
-def attention_rows(q: mx.array, keys: list[mx.array], values: list[mx.array], scale: float) -> mx.array:
-    """Row i of q (1, N, H, D) attends to keys[i], values[i] (1, Hkv, T_i, D) → (1, N, H, D).
-
-    Row i gets the bits `attention(q[:, i:i+1], keys[i], values[i], scale, None)`
-    gives it, in one graph node for all rows.  Only where `has_row_ops`.
-    """
-    kv = [a for pair in zip(keys, values) for a in pair]
-    return _row_ops().attention_rows(q, kv, scale=scale)
-
-
 def attention_rows_update(q: mx.array, k: mx.array, v: mx.array, buffers: list[mx.array], slots: list[int],
                           lengths: list[int], scale: float) -> mx.array:
-    """`attention_rows` for decoding rows that first store their own key and value.
+    """Attention of decoding rows, each over its own cache after storing its own key and value.
 
     Row i of k and v (1, N, Hkv, D) goes into slot slots[i] of its cache's
     buffers[2i], buffers[2i + 1] (1, Hkv, capacity, D), IN PLACE: they must be
     a cache's own storage (`KVCache.reserve_one`), nothing else's.  Then row i
-    of q attends to their first lengths[i] slots, with the bits
-    `attention_rows` gives it → (1, N, H, D).  One graph node where each
-    cache's functional write and fetch were four.  Only where `has_row_ops`.
+    of q (1, N, H, D) attends to their first lengths[i] slots, with the bits
+    `attention(q[:, i:i+1], those slots, scale, None)` gives it → (1, N, H, D).
+    One graph node for all rows, where per sequence a write, a fetch and an
+    attention call were five.  Only where `has_row_ops`.
     """
     return _row_ops().attention_rows_update(q, k, v, buffers, slots=slots, lengths=lengths, scale=scale)
 
