@@ -337,13 +337,15 @@ TARGET_AVX512 inline __m512 add_group(__m512 acc, __m512 t, __m512 s, __m512 bb,
 // R activation rows (m0 ..) x V panels of 16 columns (V * 16 columns; the
 // last panel may have fewer), over all of K. Several panels per call give
 // small R independent accumulator chains (a dpbusd chain is latency-bound
-// with one row); the per-element sequence (panel_avx512.h) does not depend
-// on R or V. IL: the activations interleaved by kMaxRows rows (Acts; the
+// with one row); one row reads one panel instead, its block's words split
+// over CH integer chains (see panels_for_rows); the per-element sequence
+// (panel_avx512.h) does not depend on R, V or CH: the integer sums are exact. IL: the activations interleaved by kMaxRows rows (Acts; the
 // tile's rows within one group), else plain rows (few rows, weights packed at load: the
 // interleaved layout of one row would take 8 times its cache lines).
 template <int BITS, bool X16, int R, int V, bool IL>
 TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0, float* y, int64_t ldy) {
   constexpr int WPB = BITS == 4 ? 4 : 8; // weight words per block of 32 k
+  constexpr int CH = R == 1 && V == 1 ? 4 : 1; // integer chains per (row, panel)
   constexpr int WS = IL ? 4 * kMaxRows : 4; // bytes between a row's words
   constexpr int64_t es = IL ? kMaxRows : 1; // between a row's per-block (per-group) values
   const int64_t q = IL ? m0 / kMaxRows : m0; // first row (IL: row group) of the tile
@@ -387,10 +389,13 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
           }
         }
       }
-      __m512i I[R][V];
+      __m512i I[CH][R][V];
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          I[r][v] = _mm512_set1_epi32(cg[b * es + r * dr]);
+          I[0][r][v] = _mm512_set1_epi32(cg[b * es + r * dr]);
+          for (int c = 1; c < CH; ++c) {
+            I[c][r][v] = _mm512_setzero_si512();
+          }
         }
       }
       // Unrolled: GCC otherwise copies every accumulator between registers each
@@ -400,13 +405,16 @@ TARGET_AVX512 void panel_tile(const Acts& x, const PanelSet& ps, int bpg, int m0
         for (int v = 0; v < V; ++v) {
           const Word w = split_word<BITS, X16>(_mm512_loadu_si512(wv[v] + b * WPB + j));
           for (int r = 0; r < R; ++r) {
-            I[r][v] = add_word<BITS, X16, WS>(I[r][v], w, xg + r * xr, b, j);
+            I[j % CH][r][v] = add_word<BITS, X16, WS>(I[j % CH][r][v], w, xg + r * xr, b, j);
           }
         }
       }
       for (int r = 0; r < R; ++r) {
         for (int v = 0; v < V; ++v) {
-          t[r][v] = add_block(t[r][v], I[r][v], dg[b * es + r * dr], bi == 0);
+          for (int c = 1; c < CH; ++c) {
+            I[0][r][v] = _mm512_add_epi32(I[0][r][v], I[c][r][v]);
+          }
+          t[r][v] = add_block(t[r][v], I[0][r][v], dg[b * es + r * dr], bi == 0);
         }
       }
     }
@@ -609,9 +617,13 @@ const DirectFn* direct_tiles() {
 
 using TileFn = void (*)(const Acts&, const PanelSet&, int, int, float*, int64_t);
 
-// Panels per tile for r activation rows: enough accumulators in flight.
+// Panels per tile for r activation rows: enough accumulators in flight. One
+// row (decode) reads one panel, a single weight stream, and gets its chains
+// from CH instead: four panels' streams ran the GEMV 15-25% slower from
+// memory on a Zen 4 host (decode 8-bit 15 -> 20 tok/s); one chain alone is
+// latency-bound on weights in cache.
 constexpr int panels_for_rows(int r) {
-  return r <= 2 ? 4 : (r <= 4 ? 2 : 1);
+  return r == 1 ? 1 : (r <= 2 ? 4 : (r <= 4 ? 2 : 1));
 }
 
 struct TileTable {
