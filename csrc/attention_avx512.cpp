@@ -194,7 +194,16 @@ TARGET_AVX512 void attend_kv_head_avx512(
   // block of rows (decode): each key block transposed into L1 and scored at
   // once, so the keys are read once (a long cache is a memory stream then).
   const bool once = L > kRowBlock;
-  static thread_local std::vector<float> kt_buf, p_buf;
+  // The scratch of this thread, named once: each access to a thread_local in a
+  // shared library is a __tls_get_addr call.
+  struct Scratch {
+    std::vector<float> kt_buf, p_buf;
+    std::vector<const float*> qv;
+    std::vector<float*> pv, yv;
+    std::vector<int> n;
+  };
+  static thread_local Scratch tls;
+  auto& [kt_buf, p_buf, qv, pv, yv, n] = tls;
   kt_buf.resize(size_t(once ? nblk : 1) * D * kKeys + 16);
   p_buf.resize(size_t(kRowBlock) * group * p_stride);
   float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data()) + 63) & ~uintptr_t(63));
@@ -203,9 +212,6 @@ TARGET_AVX512 void attend_kv_head_avx512(
       transpose_keys(k, k_stride, T, D, blk, kt + int64_t(blk) * D * kKeys);
     }
   }
-  static thread_local std::vector<const float*> qv;
-  static thread_local std::vector<float*> pv, yv;
-  static thread_local std::vector<int> n;
   for (int l0 = 0; l0 < L; l0 += kRowBlock) {
     const int rows = std::min(kRowBlock, L - l0);
     const int nv = rows * group;

@@ -699,26 +699,34 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
       }
       return;
     }
-    static thread_local Scratch row; // one row, plain, then spread into the interleaved layout
+    static thread_local Scratch tls_row; // one row, plain, then spread into the interleaved layout
+    // Plain pointers and counts: through the thread_local (a __tls_get_addr call
+    // per access in a shared library) and the closure, the word loop below took
+    // ~100 us of an M=8, K=8192 call.
+    Scratch& row = tls_row;
     row.xq.resize(stride);
     row.d.resize(nb);
     row.ci.resize(nb);
     row.xsum.resize(G);
+    int8_t* rxq = row.xq.data();
+    float* rd = row.d.data();
+    int32_t* rci = row.ci.data();
+    float* rxsum = row.xsum.data();
+    const int64_t words = row_words;
     for (int m = m0; m < m1; ++m) {
       quantize_row(
-          a.x + int64_t(m) * a.K, a.K, a.bits, x16, false, a.group_size, row.xq.data(), row.d.data(),
-          row.ci.data(), row.xsum.data());
+          a.x + int64_t(m) * a.K, a.K, a.bits, x16, false, a.group_size, rxq, rd, rci, rxsum);
       const int64_t q = m / kMaxRows, r = m % kMaxRows;
       int8_t* dst = xq + q * kMaxRows * stride + r * 4;
-      for (int64_t w = 0; w < row_words; ++w) {
-        std::memcpy(dst + w * 4 * kMaxRows, row.xq.data() + w * 4, 4);
+      for (int64_t w = 0; w < words; ++w) {
+        std::memcpy(dst + w * 4 * kMaxRows, rxq + w * 4, 4);
       }
       for (int b = 0; b < nb; ++b) {
-        d[(q * nb + b) * kMaxRows + r] = row.d[b];
-        ci[(q * nb + b) * kMaxRows + r] = row.ci[b];
+        d[(q * nb + b) * kMaxRows + r] = rd[b];
+        ci[(q * nb + b) * kMaxRows + r] = rci[b];
       }
       for (int g = 0; g < G; ++g) {
-        xsum[(q * G + g) * kMaxRows + r] = row.xsum[g];
+        xsum[(q * G + g) * kMaxRows + r] = rxsum[g];
       }
     }
   };
