@@ -40,12 +40,11 @@ constexpr int kMaxRows = 8; // activation rows per micro-kernel call
 constexpr int kMaxPanels = 4; // panels packed (and per tile at most) at a time
 constexpr int kPanelsPerTask = 8; // smallest task: 128 weight rows
 constexpr int kRowsPerTask = 64; // activation rows per task
-// How far ahead tiles prefetch weights packed at load, by activation layout:
-// few rows read them fast (decode GEMV), more rows slowly enough that the
-// stream needs a longer lead (paired in-process runs, 1B 4-bit: decode best
-// at 2 KB, batched decode B=8 at 8-16 KB).
-constexpr int64_t kPrefetchFewRows = 2048;
-constexpr int64_t kPrefetchManyRows = 8192;
+// How far ahead tiles prefetch weights packed at load. One distance for every
+// row count: with the one-stream decode tile, 8 KB decodes 1.00-1.15x faster
+// than the 2 KB the older four-panel tile wanted (paired in-process runs, 1B
+// 4/8-bit, Zen 5), and batched decode B=8 was best at 8-16 KB.
+constexpr int64_t kPrefetchAhead = 8192;
 
 inline int ceil_div(int a, int b) {
   return (a + b - 1) / b;
@@ -822,7 +821,7 @@ void qmatmul_panel(const QMatmulArgs& a, Mode mode) {
         // The parameters of the panels kMaxPanels on from this tile's.
         const int64_t nn0 = std::min<int64_t>(a.N, n0 + (kMaxPanels + v) * kCols);
         const int64_t nn1 = std::min<int64_t>(a.N, nn0 + (wide ? V : 1) * kCols);
-        const int64_t ahead = !a.panels ? 0 : (interleaved ? kPrefetchManyRows : kPrefetchFewRows);
+        const int64_t ahead = a.panels ? kPrefetchAhead : 0;
         // Panel layout: this tile's parameters, panel p0 + v on.
         const int64_t pe = (int64_t(p0) + v) * panel_params * pbytes;
         const PanelSet set{
